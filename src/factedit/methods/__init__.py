@@ -1,0 +1,167 @@
+"""Editing methods and the single entry point :func:`edit`.
+
+Method names are case-insensitive; the research code's names (``"ROME"``, ``"FT-L"``, ...)
+work as well as ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..arch import ModelArch, describe
+from ..hparams import HParams
+from ..requests import EditRequest, as_requests
+from .base import (
+    EditContext,
+    EditError,
+    EditMethod,
+    EditResult,
+    LowRankDelta,
+    NonFiniteUpdateError,
+    WeightEditor,
+)
+
+#: Methods of the research code that factedit does not provide yet.
+NOT_YET_AVAILABLE = {"mend", "mend-cf", "mend-zsre", "ke", "ke-cf", "ke-zsre"}
+
+
+class MethodNotAvailableError(ValueError):
+    """The requested method is unknown or not implemented yet."""
+
+
+def _methods() -> dict[str, type[EditMethod]]:
+    # Imported here so that importing factedit does not import every method's dependencies.
+    from .rome import ROME
+
+    classes: list[type[EditMethod]] = [ROME]
+    with contextlib.suppress(ImportError):
+        from .ft import FT, FTL, FTAttnEdit
+
+        classes += [FT, FTL, FTAttnEdit]
+    with contextlib.suppress(ImportError):
+        from .kn import KN
+
+        classes.append(KN)
+    return {c.name: c for c in classes}
+
+
+def canonical_name(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def available_methods() -> list[str]:
+    """Names accepted by :func:`edit` (canonical spelling)."""
+    return sorted(_methods())
+
+
+def get_method(name: str) -> EditMethod:
+    """An instance of the method called ``name`` (e.g. ``"rome"``, ``"FT-L"``)."""
+    key = canonical_name(name)
+    methods = _methods()
+    if key in methods:
+        return methods[key]()
+    if key in NOT_YET_AVAILABLE:
+        raise MethodNotAvailableError(
+            f"{name!r} (a hypernetwork editor) is not available in factedit yet; "
+            f"available methods: {', '.join(sorted(methods))}"
+        )
+    raise MethodNotAvailableError(f"unknown editing method {name!r}; available: {', '.join(sorted(methods))}")
+
+
+def resolve_hparams(
+    method: EditMethod, model: nn.Module, hparams: HParams | Mapping | str | Path | None, arch: ModelArch
+) -> HParams:
+    """``None`` → shipped per-model defaults; a dict → overrides of those; a path → a file."""
+    cls = method.hparams_class
+    if hparams is None:
+        return cls.defaults_for(method.name, model, arch)
+    if isinstance(hparams, cls):
+        return hparams
+    if isinstance(hparams, HParams):
+        raise TypeError(f"{method.name} needs {cls.__name__}, got {type(hparams).__name__}")
+    if isinstance(hparams, Mapping):
+        base = cls.defaults_for(method.name, model, arch).to_dict()
+        unknown = sorted(set(hparams) - set(base))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}")
+        return cls.from_dict({**base, **hparams})
+    return cls.from_file(hparams)
+
+
+def edit(
+    model: nn.Module,
+    tok: Any,
+    requests: EditRequest | Mapping | list,
+    method: str = "rome",
+    hparams: HParams | Mapping | str | Path | None = None,
+    *,
+    arch: ModelArch | None = None,
+    context: EditContext | None = None,
+) -> EditResult:
+    """Write the requested facts into ``model`` in place, one request after another.
+
+    Returns an :class:`EditResult`; ``result.restore()`` puts the weights back bit-for-bit.
+    Guarantee: if this raises (bad request, bad hyperparameters, a non-finite update, or any
+    other error), the model's weights are exactly as they were.
+    """
+    t0 = time.perf_counter()
+    impl = get_method(method)
+    reqs = as_requests(requests)
+    for r in reqs:
+        r.check_tokenizer(tok)
+    arch = arch or describe(model)
+    hp = resolve_hparams(impl, model, hparams, arch)
+    impl.check(hp, arch)
+    editor = WeightEditor(model)
+    timings: dict[str, float] = {}
+    try:
+        diagnostics = impl.execute(model, tok, reqs, hp, editor, arch, context or EditContext(), timings)
+    except BaseException:
+        editor.restore()
+        raise
+    timings["total"] = time.perf_counter() - t0
+    return EditResult(
+        method=impl.name,
+        requests=reqs,
+        hparams=hp,
+        original=editor.original,
+        steps=editor.steps,
+        diagnostics=diagnostics,
+        timings=timings,
+        model=model,
+    )
+
+
+@contextlib.contextmanager
+def edited(
+    model: nn.Module, tok: Any, requests: Any, method: str = "rome", hparams: Any = None, **kw: Any
+) -> Iterator[EditResult]:
+    """``with edited(model, tok, requests) as result:`` the model is edited inside the block
+    and restored bit-for-bit on exit (exceptions included)."""
+    result = edit(model, tok, requests, method, hparams, **kw)
+    try:
+        yield result
+    finally:
+        result.restore()
+
+
+__all__ = [
+    "EditContext",
+    "EditError",
+    "EditMethod",
+    "EditResult",
+    "LowRankDelta",
+    "MethodNotAvailableError",
+    "NonFiniteUpdateError",
+    "WeightEditor",
+    "available_methods",
+    "edit",
+    "edited",
+    "get_method",
+]

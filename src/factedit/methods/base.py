@@ -1,0 +1,214 @@
+"""The one editing interface every method implements, and the result object they all return.
+
+A method subclasses :class:`EditMethod` and implements :meth:`EditMethod.execute`, which
+computes weight changes and hands them to a :class:`WeightEditor`. The editor checks them
+(shape, finiteness), remembers the original value of every parameter before its first
+change, and applies them in place. :func:`factedit.edit` wraps this: on any exception the
+editor restores every touched parameter, so a failed edit leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..arch import ModelArch
+from ..hooks import get_parameter
+from ..hparams import HParams
+from ..requests import EditRequest
+
+
+class EditError(RuntimeError):
+    """An edit could not be carried out; the model was left unchanged."""
+
+
+class NonFiniteUpdateError(EditError):
+    """A computed update contains NaN or inf."""
+
+
+@dataclass(frozen=True)
+class LowRankDelta:
+    """A weight change ``left @ right.T`` in the parameter's storage orientation.
+
+    ROME's update is rank one (``left`` is ``(rows, 1)``, ``right`` ``(cols, 1)``); keeping the
+    factors makes saved edits small and re-application bit-identical, because
+    :meth:`materialize` is the only place the product is formed.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def materialize(self) -> torch.Tensor:
+        return self.left @ self.right.T
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.left.shape[0], self.right.shape[0])
+
+
+Delta = torch.Tensor | LowRankDelta
+
+
+def materialize(delta: Delta) -> torch.Tensor:
+    """A dense tensor for ``delta``."""
+    return delta.materialize() if isinstance(delta, LowRankDelta) else delta
+
+
+class WeightEditor:
+    """Applies weight changes to a model in place and can undo them exactly.
+
+    Guarantees: :meth:`apply` changes nothing if any delta is malformed or not finite;
+    :meth:`restore` puts back the bit-exact original of every parameter ever touched.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.original: dict[str, torch.Tensor] = {}
+        self.steps: list[dict[str, Delta]] = []
+
+    def apply(self, deltas: Mapping[str, Delta]) -> None:
+        dense: dict[str, torch.Tensor] = {}
+        for name, delta in deltas.items():
+            param = get_parameter(self.model, name)
+            mat = materialize(delta)
+            if tuple(mat.shape) != tuple(param.shape):
+                raise EditError(f"update for {name} has shape {tuple(mat.shape)}, parameter {tuple(param.shape)}")
+            if not torch.isfinite(mat).all():
+                raise NonFiniteUpdateError(f"the update for {name} contains NaN or inf; nothing was changed")
+            dense[name] = mat
+        with torch.no_grad():
+            for name, mat in dense.items():
+                param = get_parameter(self.model, name)
+                if name not in self.original:
+                    self.original[name] = param.detach().clone()
+                param.add_(mat.to(device=param.device, dtype=param.dtype))
+            bad = [n for n in dense if not torch.isfinite(get_parameter(self.model, n)).all()]
+        if bad:
+            self.restore()
+            raise NonFiniteUpdateError(f"applying the update made {bad} non-finite; model restored")
+        self.steps.append(dict(deltas))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, value in self.original.items():
+                get_parameter(self.model, name).copy_(value)
+
+
+@dataclass
+class EditResult:
+    """What an edit did: deltas, original weights, diagnostics and timings.
+
+    Attributes:
+        method: canonical method name (``"rome"``, ``"ft-l"``, ...).
+        requests: the requests, in the order applied.
+        hparams: the hyperparameters used.
+        original: parameter name → original value (bit-exact copy), for every touched parameter.
+        steps: the deltas applied, in order (one mapping per application).
+        diagnostics: one dict per request (loss, target probabilities, steps, ...).
+        timings: seconds per phase plus ``"total"``.
+    """
+
+    method: str
+    requests: list[EditRequest]
+    hparams: HParams
+    original: dict[str, torch.Tensor]
+    steps: list[dict[str, Delta]]
+    diagnostics: list[dict[str, Any]]
+    timings: dict[str, float]
+    model: nn.Module = field(repr=False)
+    restored: bool = False
+
+    @property
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """Total dense change per parameter (the sum of all steps)."""
+        total: dict[str, torch.Tensor] = {}
+        for step in self.steps:
+            for name, d in step.items():
+                m = materialize(d)
+                total[name] = total[name] + m if name in total else m.clone()
+        return total
+
+    @property
+    def orig_weights(self) -> dict[str, torch.Tensor]:
+        """The research code's ``orig_weights`` (same as :attr:`original`)."""
+        return self.original
+
+    def restore(self) -> None:
+        """Put every touched parameter back bit-for-bit. Idempotent."""
+        with torch.no_grad():
+            for name, value in self.original.items():
+                get_parameter(self.model, name).copy_(value)
+        self.restored = True
+
+    def save(self, path: str | Path) -> Path:
+        """Write the edit as safetensors + JSON metadata (see :mod:`factedit.saving`)."""
+        from ..saving import save_edit
+
+        return save_edit(self, path)
+
+
+@dataclass
+class EditContext:
+    """What methods may need beyond the model: where to cache, whether to show progress.
+
+    ``stats_corpus`` overrides the default text corpus for second-moment statistics.
+    """
+
+    cache_dir: Path | None = None
+    progress: bool = True
+    stats_corpus: Any = None
+    stats_tokens: int | None = None
+
+
+class EditMethod(ABC):
+    """An editing method. Subclasses set :attr:`name`, :attr:`hparams_class` and implement
+    :meth:`execute`."""
+
+    name: ClassVar[str]
+    hparams_class: ClassVar[type[HParams]]
+
+    def check(self, hparams: HParams, arch: ModelArch) -> None:
+        """Raise ``ValueError`` for hyperparameters that cannot work on this model."""
+
+    @abstractmethod
+    def execute(
+        self,
+        model: nn.Module,
+        tok: Any,
+        requests: list[EditRequest],
+        hparams: HParams,
+        editor: WeightEditor,
+        arch: ModelArch,
+        context: EditContext,
+        timings: dict[str, float],
+    ) -> list[dict[str, Any]]:
+        """Compute and apply (through ``editor``) the edits; return one diagnostics dict per
+        request. Add seconds per phase into ``timings``. May raise; the caller restores."""
+
+
+class PhaseTimer:
+    """Accumulate wall-clock seconds per phase: ``with timer("key"): ...``."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    def __call__(self, phase: str) -> _Phase:
+        return _Phase(self.timings, phase)
+
+
+class _Phase:
+    def __init__(self, timings: dict[str, float], phase: str) -> None:
+        self.timings, self.phase = timings, phase
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.phase] = self.timings.get(self.phase, 0.0) + time.perf_counter() - self.t0

