@@ -70,7 +70,8 @@ def tiny_configs() -> dict:
     """Small randomly initialised configs of every supported architecture family."""
     import transformers as T
 
-    common = dict(vocab_size=128)
+    # The real tokenizer's vocabulary size, so tiny models run on real tokenised text.
+    common = dict(vocab_size=49152)
     return {
         "gpt2": T.GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, **common),
         "gptj": T.GPTJConfig(n_layer=3, n_embd=32, n_head=4, n_positions=64, rotary_dim=4, bos_token_id=0, eos_token_id=0, **common),
