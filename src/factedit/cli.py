@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, LookupError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, LookupError, OSError, RuntimeError) as exc:
         if args.verbose:
             raise
         print(f"factedit: error: {exc}", file=sys.stderr)

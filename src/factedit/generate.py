@@ -47,14 +47,35 @@ def generate(
     else:
         # Neutralise sampling settings a model's generation_config may carry.
         kwargs.update(top_k=None, top_p=None, temperature=None)
-    devices = [model_device(model)] if model_device(model).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+    # Fork the RNG of the model's own device too (CPU's is always forked); no device-type
+    # literals, so any accelerator torch knows works.
+    device = model_device(model)
+    on_accel = device.type != "cpu"
+    with torch.random.fork_rng(
+        devices=[device] if on_accel else [],
+        device_type=device.type if on_accel else None,
+        enabled=seed is not None,
+    ):
         if seed is not None:
-            torch.manual_seed(seed)
+            # Seed only the forked generators (torch.manual_seed would also reseed every
+            # other accelerator, outside the fork).
+            torch.default_generator.manual_seed(seed)
+            if on_accel:
+                _seed_device(device, seed)
         out = model.generate(**enc, **kwargs)
     new = out[:, enc["input_ids"].shape[1] :]
     texts = [p + tok.decode(n, skip_special_tokens=True) for p, n in zip(batch, new, strict=True)]
     return texts
+
+
+def _seed_device(device: torch.device, seed: int) -> None:
+    """Seed the random generator of one accelerator device."""
+    mod = torch.get_device_module(device.type)
+    if device.index is not None and hasattr(mod, "device"):
+        with mod.device(device.index):
+            mod.manual_seed(seed)
+    else:
+        mod.manual_seed(seed)
 
 
 @dataclass

@@ -48,10 +48,9 @@ def get_parameter(model: nn.Module, name: str) -> nn.Parameter:
 
 def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> nn.Module:
     """Put ``new_module`` where ``name`` was and return the module it replaced."""
+    old = get_module(model, name)  # a clear LookupError for a wrong name
     parent_name, _, child = name.rpartition(".")
-    parent = get_module(model, parent_name)
-    old = getattr(parent, child)
-    setattr(parent, child, new_module)
+    setattr(get_module(model, parent_name), child, new_module)
     return old
 
 
@@ -232,3 +231,16 @@ def hooks_removed_on_exit(handles: list) -> Iterator[list]:
     finally:
         for h in handles:
             h.remove()
+
+
+def as_batch_seq(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """View an activation as ``(batch, seq, width)``.
+
+    Some models (OPT's MLP) run their linears on flattened ``(batch * seq, width)`` tensors;
+    code that indexes token positions goes through this view.
+    """
+    if t.dim() == 3:
+        return t
+    if t.dim() == 2 and t.shape[0] == batch * seq:
+        return t.view(batch, seq, t.shape[-1])
+    raise ValueError(f"cannot view an activation of shape {tuple(t.shape)} as ({batch}, {seq}, width)")

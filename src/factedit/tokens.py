@@ -13,13 +13,16 @@ from dataclasses import dataclass
 import torch
 
 
-def subject_token_range(tok, text: str, subject: str, occurrence: int = 0) -> tuple[int, int]:
+def subject_token_range(
+    tok, text: str, subject: str, occurrence: int = 0, *, start_char: int = 0
+) -> tuple[int, int]:
     """``(start, end)`` token indices (end exclusive) of ``subject`` inside ``text``.
 
-    Indices refer to ``tok(text)["input_ids"]`` (special tokens such as BOS included).
+    Indices refer to ``tok(text)["input_ids"]`` (special tokens such as BOS included). The
+    ``occurrence``-th match at or after character ``start_char`` is used.
     Raises ``ValueError`` if the subject does not occur in the text.
     """
-    start_char = -1
+    start_char -= 1
     for _ in range(occurrence + 1):
         start_char = text.find(subject, start_char + 1)
         if start_char < 0:
@@ -70,6 +73,8 @@ def prompt_target_batch(tok, prompts: Sequence[str], targets: Sequence[str]) -> 
     rows, tpos, tids, plast = [], [], [], []
     for p, t in zip(prompts, targets, strict=True):
         pid = tok(p)["input_ids"]
+        if not pid:
+            raise ValueError(f"prompt {p!r} maps to no tokens; the target needs a prompt to follow")
         tid = encode_target(tok, t)
         if not tid:
             raise ValueError(f"target {t!r} maps to no tokens")

@@ -1,0 +1,121 @@
+"""``factedit edit`` and ``factedit stats``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(sub, add_model_args) -> None:
+    p = sub.add_parser(
+        "edit",
+        help="write a fact into a model and show probabilities and generations before/after",
+        description=(
+            "Edit a model with one request (--prompt/--subject/--target) or a JSON file of "
+            "requests in the research code's format (--requests). Example: factedit edit "
+            "--prompt '{} was the founder of' --subject 'Steve Jobs' --target Microsoft "
+            "--generate 'Steve Jobs worked for'"
+        ),
+    )
+    p.add_argument("--prompt", help="prompt with '{}' where the subject goes (or containing the subject)")
+    p.add_argument("--subject", help="the subject, e.g. 'Steve Jobs'")
+    p.add_argument("--target", help="the new target, e.g. 'Microsoft'")
+    p.add_argument("--target-true", default=None, help="the current target (shown for comparison)")
+    p.add_argument("--requests", type=Path, help="JSON file: a request dict or a list of them")
+    p.add_argument("--method", default="rome", help="editing method (rome, ft, ft-l, ft-attnedit, kn)")
+    p.add_argument("--hparams", default=None, help="hyperparameters: a JSON/YAML file or an inline JSON object of overrides")
+    p.add_argument("--layer", type=int, default=None, help="override the edited layer (ROME)")
+    p.add_argument("--generate", nargs="*", default=[], metavar="PROMPT", help="prompts to generate from before and after")
+    p.add_argument("--max-new-tokens", type=int, default=25)
+    p.add_argument("--save", type=Path, default=None, help="save the edit (safetensors) to this file")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_model_args(p)
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("stats", help="compute and cache the second-moment statistics ROME uses for a layer")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--tokens", type=int, default=None, help="corpus tokens (default: ROME's mom2_tokens)")
+    p.add_argument("--corpus", type=Path, default=None, help="text/JSON/JSONL corpus (default: packaged Wikipedia)")
+    p.add_argument("--recompute", action="store_true", help="compute afresh, without reading or writing the cache")
+    add_model_args(p)
+    p.set_defaults(func=cmd_stats)
+
+
+def _hparams_arg(args: argparse.Namespace):
+    hp = args.hparams
+    if hp is not None and hp.lstrip().startswith("{"):
+        hp = json.loads(hp)
+    if args.layer is not None:
+        if hp is None:
+            hp = {}
+        if not isinstance(hp, dict):
+            raise ValueError("--layer cannot be combined with an --hparams file; put the layer in the file")
+        key = "layer" if args.method.lower() == "rome" else "layers"
+        hp[key] = args.layer if key == "layer" else [args.layer]
+    return hp
+
+
+def _requests(args: argparse.Namespace):
+    from .requests import EditRequest, as_requests
+
+    if args.requests is not None:
+        if any(v is not None for v in (args.prompt, args.subject, args.target)):
+            raise ValueError("give either --requests or --prompt/--subject/--target, not both")
+        return as_requests(json.loads(args.requests.read_text()))
+    missing = [n for n, v in (("--prompt", args.prompt), ("--subject", args.subject), ("--target", args.target)) if v is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (or give --requests FILE)")
+    if "{}" in args.prompt:
+        return [EditRequest(args.prompt, args.subject, args.target, target_true=args.target_true)]
+    return [EditRequest.from_filled(args.prompt, args.subject, args.target, target_true=args.target_true)]
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from .cli import _load
+    from .generate import generate
+    from .methods import EditContext, edit
+    from .scoring import target_prob
+
+    requests = _requests(args)
+    model, tok = _load(args)
+    gen_prompts = args.generate or [r.text for r in requests]
+    before = generate(model, tok, gen_prompts, max_new_tokens=args.max_new_tokens)
+    result = edit(
+        model, tok, requests, method=args.method, hparams=_hparams_arg(args),
+        context=EditContext(progress=not args.no_progress),
+    )  # fmt: skip
+    after = generate(model, tok, gen_prompts, max_new_tokens=args.max_new_tokens)
+    print(f"method {result.method}; edit took {result.timings['total']:.1f} s "
+          + "(" + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if k != "total") + ")")
+    for r, d in zip(result.requests, result.diagnostics, strict=True):
+        line = f"  {r.text!r} -> {r.target_text!r}: P before {d.get('target_prob_before', float('nan')):.4f}, after {d.get('target_prob_after', float('nan')):.4f}"
+        if r.target_true is not None:
+            pt = target_prob(model, tok, [r.text], [r.true_text]).item()
+            line += f"; P({r.true_text!r}) after {pt:.4f}"
+        print(line)
+    print()
+    for b, a in zip(before, after, strict=True):
+        print(f"[before] {b}")
+        print(f"[after]  {a}")
+        print()
+    if args.save is not None:
+        path = result.save(args.save)
+        print(f"saved the edit to {path}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .arch import describe
+    from .cli import _load
+    from .methods.rome import ROMEHParams
+    from .stats import layer_stats
+
+    model, tok = _load(args)
+    arch = describe(model)
+    tokens = args.tokens or ROMEHParams.defaults_for("rome", model, arch).mom2_tokens
+    s = layer_stats(model, tok, args.layer, arch=arch, corpus=args.corpus, tokens=tokens, use_cache=not args.recompute)
+    where = "read from the cache" if s.from_cache else f"computed in {s.seconds:.1f} s ({s.count / max(s.seconds, 1e-9):.0f} tokens/s)"
+    print(f"layer {args.layer} ({arch.mlp_out_name(args.layer)} input): {s.count} tokens, {where}; key {s.key}", file=sys.stdout)
+    return 0

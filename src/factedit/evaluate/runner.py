@@ -1,0 +1,671 @@
+"""The evaluation runner: edit each case, measure before and after, record as it goes.
+
+A run writes a JSONL file: a header line with the run's configuration, then one line per
+finished case (``case_id``, ``pre`` and ``post`` metrics, seconds per phase), and in
+sequential mode checkpoint lines. Lines are flushed and synced one by one, so an interrupted
+run loses at most the case in progress; running again with the same configuration skips the
+finished cases, and a different configuration is refused (:class:`ConfigMismatchError`).
+
+Two modes:
+
+* independent (default): each case is edited on the unedited model and restored
+  bit-exactly afterwards, so every case sees the same starting weights;
+* sequential: edits stay in place; "pre" is measured on the model holding all earlier edits;
+  every ``checkpoint_every`` edits all edits so far are re-measured (scores only, no
+  generation) to show how earlier edits hold up. The weights are restored when the run ends
+  (also when it is interrupted); a resumed sequential run first re-applies the finished
+  cases' edits (recomputing them) without measuring them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..requests import InvalidRequestError
+from ..scoring import TargetScores, target_token_scores
+from .datasets import EvalCase
+from .metrics import (
+    COUNTERFACT_METRICS,
+    ZSRE_METRICS,
+    Estimate,
+    PromptSetScores,
+    counterfact_metrics,
+    generation_entropy,
+    mean_ci,
+    summarize_cases,
+    zsre_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+EditFn = Callable[..., Any]
+
+
+class ConfigMismatchError(ValueError):
+    """The results file belongs to a run with a different configuration."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything a run's numbers depend on; a results file holds exactly one configuration.
+
+    ``limit`` is deliberately absent: a run may be resumed with a larger ``limit`` to add
+    cases.
+    """
+
+    method: str
+    hparams: dict[str, Any] | None
+    model: str
+    model_fingerprint: str
+    dataset: str
+    dataset_sha256: str
+    kind: str
+    sequential: bool = False
+    checkpoint_every: int | None = None
+    generation: bool = True
+    gen_length: int = 100
+    gen_top_k: int = 5
+    seed: int = 0
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        # A JSON round trip so that comparing with a file's header compares like with like.
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of every parameter's exact bytes (names, dtypes, shapes included), so a results
+    file is never resumed with an edited or different model."""
+    from ..fingerprint import params_fingerprint
+
+    return params_fingerprint(model.named_parameters())[:16]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- measuring one case ------------------------------------------------------------------
+@dataclass
+class Measurement:
+    """Metrics of one case at one moment, plus what later comparisons need."""
+
+    metrics: dict[str, float]
+    neighborhood: PromptSetScores
+    seconds: dict[str, float] = field(default_factory=dict)
+    generations: list[str] = field(default_factory=list)
+
+
+def _set_scores(
+    scores: Sequence[TargetScores], n: int, with_new: bool
+) -> tuple[PromptSetScores, int]:
+    """Consume the scores of ``n`` prompts (``new`` then ``true`` per prompt when ``with_new``)."""
+    news: list[TargetScores] = []
+    trues: list[TargetScores] = []
+    i = 0
+    for _ in range(n):
+        if with_new:
+            news.append(scores[i])
+            i += 1
+        trues.append(scores[i])
+        i += 1
+    return (
+        PromptSetScores(
+            new_logprob=tuple(float(s.logprobs.mean()) for s in news),
+            true_logprob=tuple(float(s.logprobs.mean()) for s in trues),
+            new_acc=tuple(float(s.correct.float().mean()) for s in news),
+            true_acc=tuple(float(s.correct.float().mean()) for s in trues),
+            true_argmax=tuple(tuple(int(t) for t in s.argmax) for s in trues),
+        ),
+        i,
+    )
+
+
+def score_case(
+    model: nn.Module, tok: Any, case: EvalCase, *, batch_size: int = 64
+) -> list[PromptSetScores]:
+    """Scores of the rewrite, paraphrase and neighbourhood prompts of ``case``, all in as few
+    forward passes as ``batch_size`` allows (one for CounterFact's 13 prompts x 2 targets).
+
+    Returns three :class:`PromptSetScores`: rewrite and paraphrase prompts with the new and
+    true targets; neighbourhood prompts with the new target and the neighbourhood answer
+    (zsRE's locality question: the answer only).
+    """
+    req = case.request
+    new, true = req.target_text, req.true_text
+    answer = " " + case.neighborhood_answer.lstrip() if case.neighborhood_answer else true
+    if true is None or answer is None:
+        raise InvalidRequestError(f"case {case.case_id!r} has no true target to compare with")
+    neigh_with_new = case.kind != "zsre"
+    sets = [
+        ([case.rewrite_prompt], True, true),
+        (list(case.paraphrase_prompts), True, true),
+        (list(case.neighborhood_prompts), neigh_with_new, answer),
+    ]
+    prompts: list[str] = []
+    targets: list[str] = []
+    for ps, with_new, t in sets:
+        for p in ps:
+            if with_new:
+                prompts.append(p)
+                targets.append(new)
+            prompts.append(p)
+            targets.append(t)
+    scores = target_token_scores(model, tok, prompts, targets, batch_size=batch_size)
+    out = []
+    pos = 0
+    for ps, with_new, _ in sets:
+        s, used = _set_scores(scores[pos:], len(ps), with_new)
+        out.append(s)
+        pos += used
+    return out
+
+
+def case_seed(seed: int, case_id: Any) -> int:
+    """A per-case sampling seed, stable across processes (Python's ``hash`` is not)."""
+    return (seed * 1_000_003 + zlib.crc32(str(case_id).encode())) % (2**31)
+
+
+def measure_case(
+    model: nn.Module,
+    tok: Any,
+    case: EvalCase,
+    config: EvalConfig,
+    *,
+    pre: Measurement | None = None,
+    generation: bool | None = None,
+    reference_scorer: Any = None,
+) -> Measurement:
+    """Metrics of ``case`` on the model as it is now.
+
+    ``pre``: the measurement before the edit (gives the agreement metrics). ``generation``
+    overrides ``config.generation``; generations are sampled top-k with a seed fixed per case,
+    so pre and post differ only by the edit.
+    """
+    t0 = time.perf_counter()
+    rewrite, para, neigh = score_case(model, tok, case)
+    pre_neigh = pre.neighborhood if pre is not None else None
+    if case.kind == "zsre":
+        metrics = zsre_metrics(rewrite, para, neigh, pre_locality=pre_neigh)
+    else:
+        metrics = counterfact_metrics(rewrite, para, neigh, pre_neighborhood=pre_neigh)
+    seconds = {"scoring": time.perf_counter() - t0}
+    texts: list[str] = []
+    do_gen = config.generation if generation is None else generation
+    if do_gen and case.generation_prompts:
+        from ..generate import generate
+
+        t1 = time.perf_counter()
+        prompts = list(case.generation_prompts)
+        longest = max(len(tok(p)["input_ids"]) for p in prompts)
+        # ROME generates until the padded batch reaches gen_length tokens in total.
+        new_tokens = max(1, config.gen_length - longest)
+        texts = generate(model, tok, prompts, max_new_tokens=new_tokens, top_k=config.gen_top_k,
+                         seed=case_seed(config.seed, case.case_id))  # fmt: skip
+        metrics["GE"] = generation_entropy(texts)
+        if reference_scorer is not None:
+            rs = reference_scorer.reference_score(texts, case.request.target_new)
+            if rs is not None:
+                metrics["RS"] = rs
+        seconds["generation"] = time.perf_counter() - t1
+    return Measurement(metrics, neigh, seconds, texts)
+
+
+# ---- results file ------------------------------------------------------------------------
+@dataclass
+class ResultsFile:
+    """The parsed content of a results JSONL file."""
+
+    header: dict[str, Any] | None
+    cases: list[dict[str, Any]]
+    checkpoints: list[dict[str, Any]]
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        return None if self.header is None else self.header.get("config")
+
+
+def read_results(path: str | Path, *, repair: bool = False) -> ResultsFile:
+    """Parse a results file. A last line cut short by an interruption is ignored (and, with
+    ``repair``, removed from the file); any other unreadable line is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file {path} does not exist")
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    header, cases, checkpoints = None, [], []
+    good_end = 0
+    offset = 0
+    for i, line in enumerate(lines):
+        end = offset + len(line) + 1
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1 or not any(x.strip() for x in lines[i + 1 :]):
+                    log.warning("ignoring an incomplete last line in %s (interrupted run)", path)
+                    break
+                raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+            kind = obj.get("type")
+            if kind == "header":
+                header = obj
+            elif kind == "case":
+                cases.append(obj)
+            elif kind == "checkpoint":
+                checkpoints.append(obj)
+            else:
+                raise ValueError(f"{path}: line {i + 1} has unknown type {kind!r}")
+        good_end = min(end, len(raw))
+        offset = end
+    if repair and good_end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    if header is None and (cases or checkpoints):
+        raise ValueError(f"{path} has no header line; it is not a factedit results file")
+    return ResultsFile(header, cases, checkpoints)
+
+
+def _append(path: Path, obj: Mapping[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj, default=_json_default) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, float) and x != x:
+        return None
+    return str(x)
+
+
+def config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two configuration dicts."""
+    return [
+        f"{k}: file has {a.get(k)!r}, this run {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+# ---- summary ---------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    """Means and 95 % CIs per metric, before and after the edits."""
+
+    kind: str
+    n_cases: int
+    n_errors: int
+    pre: dict[str, Estimate]
+    post: dict[str, Estimate]
+    seconds: dict[str, Estimate]
+    config: dict[str, Any]
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def metric_names(self) -> list[str]:
+        order = ZSRE_METRICS if self.kind == "zsre" else COUNTERFACT_METRICS
+        names = [m for m in order if m in self.pre or m in self.post]
+        for m in [*self.pre, *self.post]:
+            if m not in names:
+                names.append(m)
+        return names
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "n_cases": self.n_cases,
+            "n_errors": self.n_errors,
+            "ci": "95% normal approximation 1.96*sd/sqrt(n); Score: percentile bootstrap (1000 resamples)",
+            "pre": {k: v.to_dict() for k, v in self.pre.items()},
+            "post": {k: v.to_dict() for k, v in self.post.items()},
+            "seconds_per_case": {k: v.to_dict() for k, v in self.seconds.items()},
+            "checkpoints": self.checkpoints,
+            "config": self.config,
+            "notes": self.notes,
+        }
+
+    def to_markdown(self) -> str:
+        """A Markdown table: metric | pre | post (percent for rates, ± the 95 % CI)."""
+        c = self.config
+        lines = [
+            f"**{c.get('method')}** on `{c.get('model')}`, {self.kind} `{Path(str(c.get('dataset'))).name}`: "
+            f"{self.n_cases} cases"
+            + (f" ({self.n_errors} failed edits excluded)" if self.n_errors else "")
+            + (", sequential" if c.get("sequential") else ""),
+            "",
+            "| metric | pre | post |",
+            "| --- | ---: | ---: |",
+        ]
+        for m in self.metric_names():
+            scale, digits = (1.0, 2) if m in ("GE", "RS") else (100.0, 1)
+            pre = self.pre.get(m)
+            post = self.post.get(m)
+            lines.append(
+                f"| {m} | {pre.format(scale, digits) if pre else '-'} | {post.format(scale, digits) if post else '-'} |"
+            )
+        if self.seconds:
+            lines += ["", "| seconds per case | mean ± 95 % CI |", "| --- | ---: |"]
+            lines += [f"| {k} | {v.format(1.0, 2)} |" for k, v in self.seconds.items()]
+        if self.checkpoints:
+            names = [m for m in self.metric_names() if m not in ("GE", "RS")]
+            lines += ["", "Sequential checkpoints (all edits so far, re-measured):", ""]
+            lines += ["| edits | " + " | ".join(names) + " |", "|" + " ---: |" * (len(names) + 1)]
+            for cp in self.checkpoints:
+                est = cp["summary"]
+                cells = [Estimate(**est[m]).format(100.0, 1) if m in est else "-" for m in names]
+                lines.append(f"| {cp['n_edits']} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Rates in %, ± half-width of the 95 % CI (normal approximation; Score: bootstrap).",
+        ]
+        lines += [f"Note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def summarize(results: ResultsFile, case_ids: Sequence[Any] | None = None) -> Summary:
+    """The :class:`Summary` of a results file (finished cases only; only those in
+    ``case_ids`` when given)."""
+    config = results.config or {}
+    kind = config.get("kind", "counterfact")
+    order = ZSRE_METRICS if kind == "zsre" else COUNTERFACT_METRICS
+    rows = results.cases
+    if case_ids is not None:
+        wanted = {_json_id(c) for c in case_ids}
+        rows = [c for c in rows if c["case_id"] in wanted]
+    ok = [c for c in rows if "error" not in c]
+    pre = summarize_cases([c["pre"] for c in ok], order)
+    post = summarize_cases([c["post"] for c in ok], order)
+    seconds: dict[str, Estimate] = {}
+    for key in ("edit", "pre_eval", "post_eval", "generation", "case"):
+        vals = [c["seconds"][key] for c in ok if key in c.get("seconds", {})]
+        if vals:
+            seconds[key] = mean_ci(vals)
+    notes = list(results.header.get("notes", [])) if results.header else []
+    if kind == "zsre":
+        notes.append(
+            "Specificity: agreement of post- with pre-edit argmax tokens on the NQ answer (MEMIT/EasyEdit)."
+        )
+    return Summary(kind, len(ok), len(rows) - len(ok), pre, post, seconds, config,
+                   results.checkpoints, notes)  # fmt: skip
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def _default_edit_fn() -> EditFn:
+    from ..methods import edit
+
+    return edit
+
+
+def resolved_hparams(model: nn.Module, method: str, hparams: Any) -> dict[str, Any] | None:
+    """The full hyperparameters a run will use, as a dict (``None`` if the method is unknown
+    to the registry, e.g. a custom ``edit_fn``)."""
+    from ..arch import describe
+    from ..methods import get_method, resolve_hparams
+
+    try:
+        impl = get_method(method)
+    except (ValueError, ImportError):
+        return dict(hparams) if isinstance(hparams, Mapping) else None
+    return resolve_hparams(impl, model, hparams, describe(model)).to_dict()
+
+
+def make_config(
+    model: nn.Module,
+    *,
+    method: str,
+    hparams: Any,
+    model_name: str,
+    dataset: str | Path,
+    kind: str,
+    sequential: bool = False,
+    checkpoint_every: int | None = None,
+    generation: bool = True,
+    gen_length: int = 100,
+    gen_top_k: int = 5,
+    seed: int = 0,
+) -> EvalConfig:
+    """An :class:`EvalConfig` for this model (fingerprinted now: call it on unedited weights)."""
+    path = Path(dataset).resolve()
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}")
+    return EvalConfig(
+        method=method,
+        hparams=resolved_hparams(model, method, hparams),
+        model=model_name,
+        model_fingerprint=model_fingerprint(model),
+        dataset=str(path),
+        dataset_sha256=file_sha256(path),
+        kind="zsre" if kind == "zsre" else "counterfact",
+        sequential=sequential,
+        checkpoint_every=checkpoint_every if sequential else None,
+        generation=generation,
+        gen_length=gen_length,
+        gen_top_k=gen_top_k,
+        seed=seed,
+    )
+
+
+def run_evaluation(
+    model: nn.Module,
+    tok: Any,
+    cases: Sequence[EvalCase],
+    config: EvalConfig,
+    out: str | Path,
+    *,
+    hparams: Any = None,
+    edit_fn: EditFn | None = None,
+    reference_scorer: Any = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    edit_kwargs: Mapping[str, Any] | None = None,
+) -> Summary:
+    """Evaluate ``config.method`` on ``cases``, appending to the results file ``out``.
+
+    ``hparams`` is what the edit function receives (``None``: the method's defaults; a dict:
+    overrides); ``config.hparams`` records the resolved values. ``edit_fn(model, tok, request,
+    method=..., hparams=...)`` defaults to :func:`factedit.methods.edit` and must return an
+    object with ``restore()`` and ``timings["total"]``.
+
+    Guarantees: finished cases already in ``out`` are not redone (a file with a different
+    configuration raises :class:`ConfigMismatchError`, unless ``overwrite``); the model's
+    weights are the same on return (or exception) as on entry.
+    """
+    out = Path(out)
+    edit_fn = edit_fn or _default_edit_fn()
+    cfg = config.to_dict()
+    if out.exists() and overwrite:
+        out.unlink()
+    if out.exists() and out.stat().st_size > 0:
+        existing = read_results(out, repair=True)
+        if existing.config is not None and existing.config != cfg:
+            diffs = "; ".join(config_differences(existing.config, cfg))
+            raise ConfigMismatchError(
+                f"{out} holds results of a different configuration ({diffs}); "
+                "use another output file or overwrite it"
+            )
+    else:
+        existing = ResultsFile(None, [], [])
+    if existing.header is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        notes = []
+        if config.generation and config.kind == "counterfact":
+            from .tfidf import RS_NOTE
+
+            notes.append(RS_NOTE)
+        _append(
+            out,
+            {
+                "type": "header",
+                "config": cfg,
+                "notes": notes,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
+        existing = read_results(out)
+
+    done = {c["case_id"] for c in existing.cases}
+    todo = [c for c in cases if _json_id(c.case_id) not in done]
+    ekw = dict(edit_kwargs or {})
+    if config.generation and reference_scorer is None and config.kind == "counterfact":
+        from .tfidf import load_reference_scorer
+
+        reference_scorer = load_reference_scorer()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), disable=not progress,
+               desc=f"eval {config.method}", unit="case", dynamic_ncols=True)  # fmt: skip
+    applied: list[Any] = []  # sequential mode: results of the edits in place
+    checkpointed = {cp["n_cases"] for cp in existing.checkpoints}
+    try:
+        if config.sequential:
+            ids = [_json_id(c.case_id) for c in cases]
+            finished = [c for c in cases if _json_id(c.case_id) in done]
+            if ids[: len(finished)] != [_json_id(c.case_id) for c in finished]:
+                raise ValueError(
+                    "sequential results must cover a prefix of the cases; the case order changed"
+                )
+            if finished:
+                log.info("re-applying %d finished edits of the sequential run", len(finished))
+                ok = {c["case_id"] for c in existing.cases if "error" not in c}
+                for c in finished:
+                    if _json_id(c.case_id) in ok:
+                        applied.append(
+                            edit_fn(
+                                model, tok, c.request, method=config.method, hparams=hparams, **ekw
+                            )
+                        )
+        for case in todo:
+            record = _run_case(
+                model, tok, case, config, edit_fn, hparams, ekw, reference_scorer, applied
+            )
+            _append(out, record)
+            existing.cases.append(record)
+            bar.update(1)
+            n = len(existing.cases)
+            last = case is todo[-1] and n == len(cases)
+            due = config.checkpoint_every and (n % config.checkpoint_every == 0 or last)
+            if config.sequential and due and n not in checkpointed:
+                cp = _checkpoint(model, tok, cases, existing.cases, config)
+                _append(out, cp)
+                existing.checkpoints.append(cp)
+                checkpointed.add(n)
+    finally:
+        bar.close()
+        for result in reversed(applied):
+            result.restore()
+    return summarize(read_results(out), [c.case_id for c in cases])
+
+
+def _json_id(case_id: Any) -> Any:
+    return json.loads(json.dumps(case_id, default=str))
+
+
+def _run_case(
+    model: nn.Module,
+    tok: Any,
+    case: EvalCase,
+    config: EvalConfig,
+    edit_fn: EditFn,
+    hparams: Any,
+    ekw: dict[str, Any],
+    reference_scorer: Any,
+    applied: list[Any],
+) -> dict[str, Any]:
+    from ..methods import EditError
+
+    t0 = time.perf_counter()
+    pre = measure_case(model, tok, case, config, reference_scorer=reference_scorer)
+    try:
+        result = edit_fn(model, tok, case.request, method=config.method, hparams=hparams, **ekw)
+    except (EditError, InvalidRequestError) as exc:
+        # The edit interface guarantees the model is unchanged after a failed edit.
+        log.warning("case %r: edit failed: %s", case.case_id, exc)
+        return {"type": "case", "case_id": case.case_id, "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        post = measure_case(model, tok, case, config, pre=pre, reference_scorer=reference_scorer)
+    finally:
+        if config.sequential:
+            applied.append(result)
+        else:
+            result.restore()
+    seconds = {
+        "edit": float(result.timings.get("total", float("nan"))),
+        "pre_eval": sum(pre.seconds.values()),
+        "post_eval": sum(post.seconds.values()),
+        "case": time.perf_counter() - t0,
+    }
+    if "generation" in post.seconds:
+        seconds["generation"] = pre.seconds["generation"] + post.seconds["generation"]
+    record: dict[str, Any] = {
+        "type": "case",
+        "case_id": case.case_id,
+        "pre": pre.metrics,
+        "post": post.metrics,
+        "seconds": seconds,
+        # Pre-edit argmax on the neighbourhood answers: sequential checkpoints need it for the
+        # agreement metrics after the model has changed.
+        "pre_neighborhood_argmax": [list(a) for a in pre.neighborhood.true_argmax],
+    }
+    if post.generations:
+        record["generations"] = {"pre": pre.generations, "post": post.generations}
+    return record
+
+
+def _checkpoint(
+    model: nn.Module,
+    tok: Any,
+    cases: Sequence[EvalCase],
+    records: Sequence[dict[str, Any]],
+    config: EvalConfig,
+) -> dict[str, Any]:
+    """Re-measure every case edited so far (scores only) on the current model."""
+    by_id = {_json_id(c.case_id): c for c in cases}
+    rows = []
+    for rec in records:
+        if "error" in rec:
+            continue
+        case = by_id[rec["case_id"]]
+        argmax = tuple(tuple(a) for a in rec["pre_neighborhood_argmax"])
+        pre = Measurement({}, PromptSetScores((), tuple(0.0 for _ in argmax), true_argmax=argmax))
+        rows.append(measure_case(model, tok, case, config, pre=pre, generation=False).metrics)
+    order = ZSRE_METRICS if config.kind == "zsre" else COUNTERFACT_METRICS
+    summary = summarize_cases(rows, order)
+    return {
+        "type": "checkpoint",
+        "n_cases": len(records),
+        "n_edits": len(rows),
+        "summary": {k: v.to_dict() for k, v in summary.items()},
+    }
+
+
+__all__ = [
+    "ConfigMismatchError",
+    "EvalConfig",
+    "Measurement",
+    "ResultsFile",
+    "Summary",
+    "make_config",
+    "measure_case",
+    "model_fingerprint",
+    "read_results",
+    "run_evaluation",
+    "score_case",
+    "summarize",
+]

@@ -1,0 +1,39 @@
+"""Content fingerprints of model weights, for cache keys and for checking saved edits."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def tensor_digest(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
+    """Feed a tensor's name, dtype, shape and exact bytes into ``h``."""
+    t = t.detach().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.cpu().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def params_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A hex digest of named tensors (order-sensitive; names, dtypes, shapes and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in named:
+        tensor_digest(h, name, t)
+    return h.hexdigest()
+
+
+def module_params_fingerprint(model: nn.Module, prefixes: Iterable[str], exclude: Iterable[str] = ()) -> str:
+    """Fingerprint of every parameter whose name starts with one of ``prefixes``, minus ``exclude``.
+
+    Shared (tied) parameters count once, under their first name.
+    """
+    prefixes = tuple(prefixes)
+    skip = set(exclude)
+    chosen = [
+        (n, p)
+        for n, p in model.named_parameters()
+        if n not in skip and any(n == pre or n.startswith(pre + ".") for pre in prefixes)
+    ]
+    return params_fingerprint(chosen)

@@ -1,0 +1,78 @@
+"""Batched generation and the logit lens, on the real default model."""
+
+from __future__ import annotations
+
+import torch
+
+from factedit.arch import describe
+from factedit.generate import format_lens, generate, logit_lens
+
+EIFFEL = "The Eiffel Tower is located in the city of"
+
+
+def test_greedy_knows_paris(model, tok):
+    (text,) = generate(model, tok, [EIFFEL], max_new_tokens=4)
+    assert text.startswith(EIFFEL)
+    assert text[len(EIFFEL) :].startswith(" Paris")
+
+
+def test_single_prompt_and_empty_batch(model, tok):
+    assert generate(model, tok, EIFFEL, max_new_tokens=2) == generate(
+        model, tok, [EIFFEL], max_new_tokens=2
+    )
+    assert generate(model, tok, [], max_new_tokens=2) == []
+
+
+def test_batched_equals_one_by_one(model, tok):
+    prompts = [
+        EIFFEL,
+        "The Beatles were a band from",
+        "The capital of Japan is",  # prompts of different lengths: left padding matters
+    ]
+    batched = generate(model, tok, prompts, max_new_tokens=8)
+    single = [generate(model, tok, p, max_new_tokens=8)[0] for p in prompts]
+    assert batched == single
+    assert [b.startswith(p) for b, p in zip(batched, prompts, strict=True)] == [True] * 3
+
+
+def test_seeded_top_k_is_reproducible_and_leaves_global_rng(model, tok):
+    prompts = ["My favourite food is"] * 3
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    a = generate(model, tok, prompts, max_new_tokens=8, top_k=40, seed=7)
+    assert torch.equal(torch.get_rng_state(), before), "seeded sampling changed the global RNG"
+    assert a == generate(model, tok, prompts, max_new_tokens=8, top_k=40, seed=7)
+    # It really samples: rows of one batch differ, and another seed gives other texts.
+    assert len(set(a)) > 1
+    assert a != generate(model, tok, prompts, max_new_tokens=8, top_k=40, seed=8)
+
+
+def test_top_k_one_is_greedy(model, tok):
+    assert generate(model, tok, EIFFEL, max_new_tokens=5, top_k=1) == generate(
+        model, tok, EIFFEL, max_new_tokens=5
+    )
+
+
+@torch.no_grad()
+def test_logit_lens_last_layer_is_model_distribution(model, tok):
+    rows = logit_lens(model, tok, EIFFEL, top_k=5)
+    assert [r.layer for r in rows] == list(range(describe(model).n_layers))
+    enc = tok(EIFFEL, return_tensors="pt")
+    probs = torch.softmax(model(**enc).logits[0, -1].float(), dim=-1)
+    last = rows[-1]
+    assert last.token_ids[0] == int(probs.argmax())
+    assert last.tokens[0] == " Paris"
+    for tid, p in zip(last.token_ids, last.probs, strict=True):
+        assert abs(probs[tid].item() - p) < 1e-4
+    # Every row is a sorted top-k of a distribution.
+    for r in rows:
+        assert len(r.tokens) == 5 and r.probs == sorted(r.probs, reverse=True)
+        assert 0 < sum(r.probs) <= 1 + 1e-5
+
+
+def test_format_lens(model, tok):
+    rows = logit_lens(model, tok, EIFFEL, top_k=2)
+    text = format_lens(rows)
+    lines = text.splitlines()
+    assert len(lines) == len(rows)
+    assert lines[-1].startswith(f"layer {rows[-1].layer:>3}:") and "' Paris'" in lines[-1]
