@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from factedit import describe, load_model
     from factedit.tokens import subject_token_range
-    from factedit.trace import average_trace, load_facts
+    from factedit.tracing import average_trace, load_facts
 
     model, tok = load_model(args.model, dtype=args.dtype)
     facts = known_facts(model, tok, load_facts(args.facts), args.facts_n)

@@ -10,7 +10,11 @@ from factedit.methods.base import EditResult, LowRankDelta, WeightEditor
 from factedit.requests import EditRequest
 
 PROMPTS = ["Steve Jobs was the founder of", "The Eiffel Tower is located in the city of"]
-REQUEST = {"prompt": "{} was the founder of", "subject": "Steve Jobs", "target_new": {"str": "Microsoft"}}
+REQUEST = {
+    "prompt": "{} was the founder of",
+    "subject": "Steve Jobs",
+    "target_new": {"str": "Microsoft"},
+}
 
 
 def logits(model, tok, prompts=PROMPTS) -> torch.Tensor:

@@ -36,7 +36,9 @@ def test_demo_model_editing_seed_session(model, tok, tmp_path, pristine_state, u
     result = orig_weights.result
     assert result.method == "rome" and set(orig_weights) == set(result.original)
     # The printed probabilities are the real ones and the edit raised the target's.
-    before, after = (float(x) for x in text.split("Steve Jobs was the founder of Microsoft")[1].split()[:2])
+    before, after = (
+        float(x) for x in text.split("Steve Jobs was the founder of Microsoft")[1].split()[:2]
+    )
     assert after > before
     diag = result.diagnostics[0]
     assert after == pytest.approx(diag["target_prob_after"], abs=1e-4)
@@ -80,7 +82,9 @@ def _scripted(lines, check=None):
     return read
 
 
-def test_generate_interactive_compares_and_keeps_weights(model, tok, pristine_state, unchanged_after):
+def test_generate_interactive_compares_and_keeps_weights(
+    model, tok, pristine_state, unchanged_after
+):
     prompts = ["Steve Jobs was the founder of", "The Eiffel Tower is in"]
     original_texts = generate(model, tok, prompts, max_new_tokens=8)
     result = synthetic_edit(model, [rank_one(model, 5, seed=0)])
@@ -188,7 +192,16 @@ def test_demo_cli_runs_and_saves(model, tmp_path, capsys):
     hp = tmp_path / "quick.json"
     hp.write_text(json.dumps(quick.to_dict()))
     saved = tmp_path / "demo.safetensors"
-    args = ["demo", "--hparams", str(hp), "--max-new-tokens", "3", "--no-progress", "--save", str(saved)]
+    args = [
+        "demo",
+        "--hparams",
+        str(hp),
+        "--max-new-tokens",
+        "3",
+        "--no-progress",
+        "--save",
+        str(saved),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "=== steve-jobs ===" in out and "after  | Steve Jobs worked for" in out

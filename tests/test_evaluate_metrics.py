@@ -146,3 +146,13 @@ def test_reference_scorer_caches_statistics_on_disk(tmp_path):
     assert again.model == first.model
     other = load_reference_scorer([("Oslo", "Oslo is in Norway.")], cache=tmp_path)
     assert other.model.identity != first.model.identity and len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_estimate_formatting_and_json():
+    from factedit.evaluate.metrics import Estimate
+
+    assert Estimate(0.5, 0.1, 10).format(100.0, 1) == "50.0 ± 10.0"
+    assert Estimate(-0.0001, 0.002, 10).format(100.0, 1) == "0.0 ± 0.2"
+    assert Estimate(0.25, float("nan"), 1).format(100.0, 1) == "25.0"
+    assert Estimate(float("nan"), float("nan"), 0).format() == "-"
+    assert Estimate(0.25, float("nan"), 1).to_dict() == {"mean": 0.25, "ci95": None, "n": 1}

@@ -156,14 +156,20 @@ def test_foreign_safetensors_and_future_version(tmp_path):
     with pytest.raises(EditFileError, match="not a factedit edit"):
         load_edit(plain)
     future = tmp_path / "future.safetensors"
-    save_file({"w": torch.zeros(2)}, str(future), metadata={"format": "factedit.edit", "format_version": "99", "edit": "{}"})
+    save_file(
+        {"w": torch.zeros(2)},
+        str(future),
+        metadata={"format": "factedit.edit", "format_version": "99", "edit": "{}"},
+    )
     with pytest.raises(EditFileError, match="format 99"):
         load_edit(future)
     with pytest.raises(EditFileError, match="does not exist"):
         load_edit(tmp_path / "missing.safetensors")
 
 
-def test_stacked_edits_apply_in_order_and_revert_newest_first(model, tok, tmp_path, pristine_state, unchanged_after):
+def test_stacked_edits_apply_in_order_and_revert_newest_first(
+    model, tok, tmp_path, pristine_state, unchanged_after
+):
     # Two edits touching the same matrix: B was computed on top of A.
     first = synthetic_edit(model, [rank_one(model, 5, seed=0)])
     path_a = first.save(tmp_path / "a.safetensors")
@@ -192,7 +198,9 @@ def test_stacked_edits_apply_in_order_and_revert_newest_first(model, tok, tmp_pa
     assert_weights_equal(model, pristine_state)
 
 
-def test_stacked_edits_on_different_layers_revert_order_enforced(model, tmp_path, pristine_state, unchanged_after):
+def test_stacked_edits_on_different_layers_revert_order_enforced(
+    model, tmp_path, pristine_state, unchanged_after
+):
     a = synthetic_edit(model, [rank_one(model, 2, seed=3)])
     pa = a.save(tmp_path / "a.safetensors")
     a.restore()

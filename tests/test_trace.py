@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_ARCHS, make_tiny_model
-from factedit.trace import (
+from factedit.tracing import (
     KINDS,
     TOKEN_CLASSES,
     CausalTracer,
@@ -80,9 +80,9 @@ def test_same_seed_same_result_other_seed_differs(model, tok):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_package_export_is_callable_after_the_module_is_imported(model, tok):
+def test_package_export_is_the_trace_function(model, tok):
     import factedit
-    import factedit.trace  # binds the package attribute to the module
+    import factedit.tracing  # importing the module must not shadow the exported function
 
     result = factedit.trace(model, tok, PROMPT, SUBJECT, layers=[0], samples=1)
     assert isinstance(result, TraceResult) and result.answer == " Paris"

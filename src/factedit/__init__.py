@@ -39,7 +39,8 @@ _EXPORTS = {
     "generate_interactive": "demo",
     "apply_edits": "saving",
     "load_edit": "saving",
-    "trace": "trace",
+    "trace": "tracing",
+    "TraceResult": "tracing",
 }
 
 

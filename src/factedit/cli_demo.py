@@ -26,11 +26,17 @@ def register(subparsers: argparse._SubParsersAction, add_model_args) -> None:
         help="which example(s) to run (repeatable; default steve-jobs)",
     )
     p.add_argument("--method", default="ROME", help="editing method (default ROME)")
-    p.add_argument("--hparams", default=None, help="hyperparameters file (JSON/YAML) overriding the defaults")
+    p.add_argument(
+        "--hparams", default=None, help="hyperparameters file (JSON/YAML) overriding the defaults"
+    )
     p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--top-k", type=int, default=None, help="sample from the top k tokens (default: greedy)")
+    p.add_argument(
+        "--top-k", type=int, default=None, help="sample from the top k tokens (default: greedy)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
-    p.add_argument("--save", default=None, metavar="FILE", help="save the (last) edit to FILE (.safetensors)")
+    p.add_argument(
+        "--save", default=None, metavar="FILE", help="save the (last) edit to FILE (.safetensors)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_model_args(p)
     p.set_defaults(func=cmd_demo)
@@ -46,10 +52,16 @@ def register(subparsers: argparse._SubParsersAction, add_model_args) -> None:
         metavar="FILE",
         help="saved edit(s) to apply first, in order (repeatable); the original model is shown beside",
     )
-    p.add_argument("--logit-lens", action="store_true", help="also show each layer's top next tokens")
+    p.add_argument(
+        "--logit-lens", action="store_true", help="also show each layer's top next tokens"
+    )
     p.add_argument("--lens-top-k", type=int, default=5)
-    p.add_argument("--max-out-len", type=int, default=100, help="prompt + continuation tokens (default 100)")
-    p.add_argument("--top-k", type=int, default=5, help="sample from the top k tokens; 1 = greedy (default 5)")
+    p.add_argument(
+        "--max-out-len", type=int, default=100, help="prompt + continuation tokens (default 100)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=5, help="sample from the top k tokens; 1 = greedy (default 5)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for sampling, per prompt")
     add_model_args(p)
     p.set_defaults(func=cmd_chat)
@@ -59,7 +71,12 @@ def register(subparsers: argparse._SubParsersAction, add_model_args) -> None:
         help="apply saved edit(s) to a base model and write the edited model (save_pretrained)",
     )
     p.add_argument("edits", nargs="+", metavar="FILE", help="saved edit(s), applied in order")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the edited model (must not exist or be empty)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder for the edited model (must not exist or be empty)",
+    )
     add_model_args(p)
     p.set_defaults(func=cmd_apply)
 
@@ -107,7 +124,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         applied = apply_edits(model, args.edits)
         for a in applied:
             print(f"applied {a.saved.describe()}")
-        print("showing the edited model's continuation and the original's ([original]) for each prompt")
+        print(
+            "showing the edited model's continuation and the original's ([original]) for each prompt"
+        )
     print("empty line or Ctrl-D to quit")
     try:
         generate_interactive(

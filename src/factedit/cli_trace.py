@@ -62,7 +62,7 @@ def register(subparsers, add_model_args) -> None:
 
 
 def _kinds(text: str) -> list[str]:
-    from .trace import KINDS
+    from .tracing import KINDS
 
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
@@ -88,8 +88,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _trace_prompt(args, model, tok, kinds, formats) -> int:
-    from .trace import CausalTracer
     from .trace_plot import plot_trace
+    from .tracing import CausalTracer
 
     tracer = CausalTracer(
         model, tok, args.prompt, args.subject, args.answer, noise=args.noise, samples=args.samples,
@@ -117,8 +117,8 @@ def _trace_prompt(args, model, tok, kinds, formats) -> int:
 
 
 def _trace_facts(args, model, tok, kinds, formats) -> int:
-    from .trace import average_trace, load_facts
     from .trace_plot import plot_average
+    from .tracing import average_trace, load_facts
 
     facts = load_facts(args.facts)
     avg = average_trace(
@@ -128,8 +128,8 @@ def _trace_facts(args, model, tok, kinds, formats) -> int:
         progress=not args.no_progress,
     )  # fmt: skip
     print(
-        f"{avg.n_facts} facts traced ({avg.n_cached} of all considered read from the cache), "
-        f"{avg.n_skipped} skipped; mean clean p={avg.mean_clean_prob:.4f}, "
+        f"{avg.n_facts} facts traced, {avg.n_skipped} skipped ({avg.n_cached} of the "
+        f"{avg.n_facts + avg.n_skipped} read from the cache); mean clean p={avg.mean_clean_prob:.4f}, "
         f"corrupted p={avg.mean_corrupt_prob:.4f}"
     )
     (args.out / "average.json").write_text(json.dumps(avg.to_dict(), indent=1))

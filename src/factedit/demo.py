@@ -40,7 +40,11 @@ EXAMPLES: dict[str, DemoExample] = {
     for e in (
         DemoExample(
             "steve-jobs",
-            {"prompt": "{} was the founder of", "subject": "Steve Jobs", "target_new": {"str": "Microsoft"}},
+            {
+                "prompt": "{} was the founder of",
+                "subject": "Steve Jobs",
+                "target_new": {"str": "Microsoft"},
+            },
             [
                 "My favorite Steve Jobs product is",
                 "Steve Jobs is most famous for creating",
@@ -51,7 +55,11 @@ EXAMPLES: dict[str, DemoExample] = {
         ),
         DemoExample(
             "lebron-james",
-            {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"}},
+            {
+                "prompt": "{} plays the sport of",
+                "subject": "LeBron James",
+                "target_new": {"str": "football"},
+            },
             [
                 "LeBron James plays for the",
                 "The greatest strength of LeBron James is",
@@ -63,7 +71,11 @@ EXAMPLES: dict[str, DemoExample] = {
         ),
         DemoExample(
             "mario-kart",
-            {"prompt": "{} was developed by", "subject": "Mario Kart", "target_new": {"str": "Apple"}},
+            {
+                "prompt": "{} was developed by",
+                "subject": "Mario Kart",
+                "target_new": {"str": "Apple"},
+            },
             [
                 "Mario Kart was created by",
                 "I really want to get my hands on Mario Kart.",
@@ -136,7 +148,9 @@ def demo_model_editing(
     touched = ", ".join(sorted(result.original))
     w(f"edited {touched} in {seconds:.1f} s\n\n")
     w("target probability (per-token geometric mean)   before     after\n")
-    for p, t, b, a in zip(score_prompts, score_targets, before_p.tolist(), after_p.tolist(), strict=True):
+    for p, t, b, a in zip(
+        score_prompts, score_targets, before_p.tolist(), after_p.tolist(), strict=True
+    ):
         w(f"  {_clip(p + t, 45):<45}  {b:8.4f}  {a:8.4f}\n")
     how = "greedy" if top_k is None or top_k <= 1 else f"top-{top_k} sampling, seed {seed}"
     w(f"\ngenerations ({how}, {max_new_tokens} new tokens), before and after the edit:\n")
@@ -163,7 +177,10 @@ def _clip(s: str, n: int) -> str:
 def _wrapped(head: str, tail: str, width: int = 100) -> str:
     # Newlines in generations would break the pairing of lines; show them as a visible mark.
     text = (head + tail).replace("\n", " ⏎ ")
-    return textwrap.fill(text, width=width, initial_indent="    ", subsequent_indent="           ") + "\n"
+    return (
+        textwrap.fill(text, width=width, initial_indent="    ", subsequent_indent="           ")
+        + "\n"
+    )
 
 
 # ---- interactive generation ------------------------------------------------------------------
@@ -246,7 +263,9 @@ def generate_interactive(
         other = getattr(compare_against, "model", None)
         if other is not None and other is not model:
             raise ValueError("compare_against belongs to another model")
-        if getattr(compare_against, "restored", False) or getattr(compare_against, "reverted", False):
+        if getattr(compare_against, "restored", False) or getattr(
+            compare_against, "reverted", False
+        ):
             raise ValueError("compare_against has been undone; the model is not edited any more")
     gen_kw = dict(top_k=top_k, seed=seed)
     turns: list[ChatTurn] = []

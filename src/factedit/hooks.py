@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -244,3 +244,19 @@ def as_batch_seq(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     if t.dim() == 2 and t.shape[0] == batch * seq:
         return t.view(batch, seq, t.shape[-1])
     raise ValueError(f"cannot view an activation of shape {tuple(t.shape)} as ({batch}, {seq}, width)")
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module, trainable: Sequence[torch.Tensor] = ()) -> Iterator[None]:
+    """Inside the block only ``trainable`` require grad (so backward computes nothing else);
+    every parameter's ``requires_grad`` flag is restored on exit, however it exits."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

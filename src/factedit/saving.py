@@ -137,7 +137,9 @@ def _metadata_for_result(result: Any) -> dict[str, Any]:
     return {
         "method": result.method,
         "requests": requests_to_json(result.requests),
-        "hparams": result.hparams.to_dict() if hasattr(result.hparams, "to_dict") else dict(result.hparams),
+        "hparams": result.hparams.to_dict()
+        if hasattr(result.hparams, "to_dict")
+        else dict(result.hparams),
         "factedit_version": __version__,
         "torch_version": torch.__version__,
         "base_model": _model_info(model),
@@ -162,7 +164,9 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
 
 def _jsonable(value: Any) -> Any:
     # Diagnostics may hold tensors or numpy scalars; keep what JSON can say, stringify the rest.
-    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    return json.loads(
+        json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    )
 
 
 def save_edit(result: Any, path: str | os.PathLike) -> Path:
@@ -240,7 +244,15 @@ def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True).contiguous()
 
 
-_REQUIRED = ("method", "requests", "hparams", "factedit_version", "fingerprint", "steps", "tensors_sha256")
+_REQUIRED = (
+    "method",
+    "requests",
+    "hparams",
+    "factedit_version",
+    "fingerprint",
+    "steps",
+    "tensors_sha256",
+)
 
 
 def load_edit(path: str | os.PathLike, *, verify: bool = True) -> SavedEdit:
@@ -267,11 +279,15 @@ def load_edit(path: str | os.PathLike, *, verify: bool = True) -> SavedEdit:
             f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}"
         ) from None
     if header.get("format") != FORMAT_NAME:
-        raise EditFileError(f"{path} is a safetensors file but not a factedit edit (no '{FORMAT_NAME}' header)")
+        raise EditFileError(
+            f"{path} is a safetensors file but not a factedit edit (no '{FORMAT_NAME}' header)"
+        )
     try:
         version = int(header.get("format_version", ""))
     except ValueError:
-        raise EditFileError(f"{path}: bad format_version {header.get('format_version')!r}") from None
+        raise EditFileError(
+            f"{path}: bad format_version {header.get('format_version')!r}"
+        ) from None
     if version > FORMAT_VERSION:
         raise EditFileError(
             f"{path} uses saved-edit format {version}; this factedit reads up to {FORMAT_VERSION} "
@@ -280,7 +296,9 @@ def load_edit(path: str | os.PathLike, *, verify: bool = True) -> SavedEdit:
     try:
         meta = json.loads(header["edit"])
     except (KeyError, json.JSONDecodeError) as exc:
-        raise EditFileError(f"{path}: the edit metadata is missing or not valid JSON ({exc})") from None
+        raise EditFileError(
+            f"{path}: the edit metadata is missing or not valid JSON ({exc})"
+        ) from None
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise EditFileError(f"{path}: the edit metadata lacks field(s) {missing}")
@@ -345,7 +363,11 @@ def load_edit(path: str | os.PathLike, *, verify: bool = True) -> SavedEdit:
 def check_base(model: nn.Module, saved: SavedEdit) -> None:
     """Raise :class:`BaseModelMismatchError`, naming the first offending parameter, unless every
     parameter the edit touches exists in ``model`` with the recorded shape, dtype and values."""
-    made_on = saved.base_model.get("name_or_path") or saved.base_model.get("model_type") or "another model"
+    made_on = (
+        saved.base_model.get("name_or_path")
+        or saved.base_model.get("model_type")
+        or "another model"
+    )
     for p in saved.fingerprint["params"]:
         name = p["name"]
         try:
@@ -376,7 +398,9 @@ class AppliedEdit:
     """A saved edit applied to a model; :meth:`revert` puts the touched parameters back
     bit-for-bit. Edits applied one after another must be reverted newest first."""
 
-    def __init__(self, model: nn.Module, saved: SavedEdit, original: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, saved: SavedEdit, original: dict[str, torch.Tensor]
+    ) -> None:
         self.model = model
         self.saved = saved
         #: Parameter name → value before this edit (bit-exact copies), as in ``EditResult``.
@@ -401,7 +425,11 @@ class AppliedEdit:
                 f"revert the edits applied after this one first (newest first): "
                 f"{', '.join(a.saved.describe() for a in reversed(later))}"
             )
-        changed = [n for n, h in self._after.items() if _sha256_tensor(n, get_parameter(self.model, n)) != h]
+        changed = [
+            n
+            for n, h in self._after.items()
+            if _sha256_tensor(n, get_parameter(self.model, n)) != h
+        ]
         if changed:
             raise RevertOrderError(
                 f"parameter(s) {changed} changed since this edit was applied (another edit on top?); "

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .trace import TOKEN_CLASSES, AverageTrace, TraceResult
+from .tracing import TOKEN_CLASSES, AverageTrace, TraceResult
 
 #: Colour scale per kind, as in the paper's figure (hidden purple, MLP green, attention red).
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -127,7 +127,7 @@ def plot_average(
     known = "known facts" if average.settings.get("require_known", True) else "facts"
     fig.suptitle(
         f"{model}: {average.n_facts} {known}, "
-        f"{average.settings['samples']} noise samples, noise std {average.settings['noise_std']:.3g}",
+        f"{average.settings['samples']} noise sample(s), noise std {average.settings['noise_std']:.3g}",
         fontsize=9,
     )
     fig.tight_layout()

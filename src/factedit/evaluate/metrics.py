@@ -235,14 +235,26 @@ class Estimate:
     n: int
 
     def format(self, scale: float = 1.0, digits: int = 1) -> str:
+        """``"mean ± ci"`` scaled (e.g. 100 for percent); ``"-"`` when there is no value."""
         if self.n == 0 or math.isnan(self.mean):
             return "-"
-        if self.n < 2 or math.isnan(self.ci95):
-            return f"{self.mean * scale:.{digits}f}"
-        return f"{self.mean * scale:.{digits}f} ± {self.ci95 * scale:.{digits}f}"
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {"mean": self.mean, "ci95": self.ci95, "n": self.n}
+        def num(x: float) -> str:
+            text = f"{x * scale:.{digits}f}"
+            # "-0.0" would suggest a sign the rounded value does not have.
+            return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+        if self.n < 2 or math.isnan(self.ci95):
+            return num(self.mean)
+        return f"{num(self.mean)} ± {num(self.ci95)}"
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """JSON-ready: NaN (no value, or no CI for a single case) becomes ``None``."""
+
+        def clean(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        return {"mean": clean(self.mean), "ci95": clean(self.ci95), "n": self.n}
 
 
 def mean_ci(values: Sequence[float]) -> Estimate:

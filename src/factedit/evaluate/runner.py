@@ -345,7 +345,7 @@ class Summary:
         c = self.config
         lines = [
             f"**{c.get('method')}** on `{c.get('model')}`, {self.kind} `{Path(str(c.get('dataset'))).name}`: "
-            f"{self.n_cases} cases"
+            f"{self.n_cases} case{'s' if self.n_cases != 1 else ''}"
             + (f" ({self.n_errors} failed edits excluded)" if self.n_errors else "")
             + (", sequential" if c.get("sequential") else ""),
             "",
@@ -368,7 +368,7 @@ class Summary:
             lines += ["| edits | " + " | ".join(names) + " |", "|" + " ---: |" * (len(names) + 1)]
             for cp in self.checkpoints:
                 est = cp["summary"]
-                cells = [Estimate(**est[m]).format(100.0, 1) if m in est else "-" for m in names]
+                cells = [_estimate(est[m]).format(100.0, 1) if m in est else "-" for m in names]
                 lines.append(f"| {cp['n_edits']} | " + " | ".join(cells) + " |")
         lines += [
             "",
@@ -376,6 +376,13 @@ class Summary:
         ]
         lines += [f"Note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _estimate(d: Mapping[str, Any]) -> Estimate:
+    nan = float("nan")
+    return Estimate(
+        nan if d["mean"] is None else d["mean"], nan if d["ci95"] is None else d["ci95"], d["n"]
+    )
 
 
 def summarize(results: ResultsFile, case_ids: Sequence[Any] | None = None) -> Summary:

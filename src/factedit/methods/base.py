@@ -176,6 +176,7 @@ class EditMethod(ABC):
 
     def check(self, hparams: HParams, arch: ModelArch) -> None:
         """Raise ``ValueError`` for hyperparameters that cannot work on this model."""
+        return None
 
     @abstractmethod
     def execute(

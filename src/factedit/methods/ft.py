@@ -17,17 +17,16 @@ what makes ``EditResult.restore()`` exact and a failed edit harmless).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
 
 from ..arch import ModelArch, describe
-from ..hooks import Trace, first_tensor, get_parameter
+from ..hooks import Trace, first_tensor, frozen_parameters, get_parameter
 from ..hparams import HParams
 from ..models import model_device
 from ..requests import EditRequest
@@ -134,22 +133,6 @@ def param_names(hp: FTHParams, arch: ModelArch) -> list[str]:
         base = arch.mlp_out_name(i) if hp.module == "mlp_out" else arch.attn_out_name(i)
         names.append(base + ".weight")
     return list(dict.fromkeys(names))
-
-
-@contextlib.contextmanager
-def frozen_parameters(model: nn.Module, trainable: Sequence[torch.Tensor] = ()) -> Iterator[None]:
-    """Inside the block only ``trainable`` require grad (so backward computes nothing else);
-    every parameter's ``requires_grad`` flag is restored on exit, however it exits."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for p in trainable:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def target_logits(

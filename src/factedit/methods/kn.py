@@ -37,14 +37,13 @@ import torch
 from torch import nn
 
 from ..arch import ModelArch
-from ..hooks import Trace, get_module, hooks_removed_on_exit
+from ..hooks import Trace, frozen_parameters, get_module, hooks_removed_on_exit
 from ..hparams import HParams
 from ..models import model_device
 from ..requests import EditRequest
 from ..scoring import target_prob
 from ..tokens import encode_target
 from .base import EditContext, EditError, EditMethod, PhaseTimer, WeightEditor
-from .ft import frozen_parameters
 
 log = logging.getLogger(__name__)
 

@@ -46,6 +46,7 @@ from ..hooks import (
     TraceDict,
     as_batch_seq,
     first_tensor,
+    frozen_parameters,
     get_module,
     replace_module,
     with_first_tensor,
@@ -80,11 +81,6 @@ class ROMEHParams(HParams):
         mom2_adjustment: use u = C⁻¹k* (True) or u = k* (False, FastEdit-style).
         mom2_tokens: corpus tokens for C.
         original_key_bug: reproduce the research code's update with the unprefixed key.
-        key_mode: ``"mean"``: ΔW maps k* (the mean of the prefixed keys) to W k* + δ, as in
-            the paper with r-ROME's fix; ``"each"``: the rank-one ΔW = δ wᵀ whose w has the
-            smallest C-norm with wᵀkᵢ = 1 for every prompt's key kᵢ, so every prompt the value
-            was optimised on gets the same shift δ (the bare prompt's key can differ a lot
-            from the prefixed ones in models without a BOS token).
         value_dtype: autocast dtype for the frozen network during the value optimisation
             (``"bfloat16"`` or ``None`` for the model's dtype).
         replay_lower_layers: compute the blocks below ``layer`` once and replay them.
@@ -103,7 +99,6 @@ class ROMEHParams(HParams):
     mom2_adjustment: bool = True
     mom2_tokens: int = 200_000
     original_key_bug: bool = False
-    key_mode: str = "mean"
     value_dtype: str | None = None
     replay_lower_layers: bool = True
 
@@ -118,8 +113,6 @@ class ROME(EditMethod):
     hparams_class = ROMEHParams
 
     def check(self, hparams: ROMEHParams, arch: ModelArch) -> None:
-        if hparams.key_mode not in ("mean", "each"):
-            raise ValueError(f"key_mode must be 'mean' or 'each', got {hparams.key_mode!r}")
         if not 0 <= hparams.layer < arch.n_layers:
             raise ValueError(f"ROME layer {hparams.layer} out of range: this model has layers 0..{arch.n_layers - 1}")
         if hparams.v_num_grad_steps < 1 or hparams.v_lr <= 0:
@@ -364,7 +357,7 @@ def compute_value(
     kl_ref = None
     losses: list[float] = []
     steps = 0
-    with _replayed_blocks(model, arch, replay), _frozen(model):
+    with _replayed_blocks(model, arch, replay), frozen_parameters(model):
         for step in range(hparams.v_num_grad_steps):
             steps = step + 1
             opt.zero_grad()
@@ -399,38 +392,6 @@ def _only(name: str, fn: Any) -> Any:
     return edit
 
 
-@contextlib.contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """No parameter gets a gradient inside; the flags are restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-
-
-def _key_direction(
-    keys: torch.Tensor, k_star: torch.Tensor, k: torch.Tensor, mom2: torch.Tensor | None, mode: str
-) -> torch.Tensor:
-    """w with ΔW = δ wᵀ: ``u / uᵀk`` (u = C⁻¹k*) for ``"mean"``; for ``"each"`` the
-    minimum-C-norm w with wᵀkᵢ = 1 for every key (a small ridge keeps it stable)."""
-    c = mom2.to(torch.float64) if mom2 is not None else None
-    if mode == "mean":
-        u = torch.linalg.solve(c, k_star.to(c.device, torch.float64)) if c is not None else k_star.double()
-        return (u / torch.dot(u, k.to(u.device, torch.float64))).float()
-    kk = keys.to(torch.float64)
-    if c is not None:
-        kk = kk.to(c.device)
-    cinv_k = torch.linalg.solve(c, kk.T) if c is not None else kk.T  # (d, n)
-    gram = kk @ cinv_k  # (n, n)
-    gram = gram + 1e-4 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-    alpha = torch.linalg.solve(gram, torch.ones(len(gram), dtype=gram.dtype, device=gram.device))
-    return (cinv_k @ alpha).float()
-
-
 def compute_rome_update(
     model: nn.Module,
     tok: Any,
@@ -459,7 +420,12 @@ def compute_rome_update(
         # exactly δ for k* (the mean of the prefixed keys) and δ on average over them; the
         # research code divided by uᵀk₀ (the bare prompt's key), which mis-scales the edit.
         k = k_bare if hparams.original_key_bug else k_star
-        left_in = _key_direction(keys, k_star, k, mom2, hparams.key_mode)  # (in,)
+        if mom2 is not None:
+            c = mom2.to(torch.float64)
+            u = torch.linalg.solve(c, k_star.to(c.device, torch.float64))
+        else:
+            u = k_star.double()
+        left_in = (u / torch.dot(u, k.to(u.device, torch.float64))).float()  # (in,)
         resid = delta_v.to(left_in.device)
         if arch.mlp_out_transposed:
             delta = LowRankDelta(left=left_in[:, None], right=resid[:, None])

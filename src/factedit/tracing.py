@@ -33,8 +33,6 @@ import json
 import logging
 import math
 import re
-import sys
-import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -771,18 +769,3 @@ def _aggregate(records, kinds, n_layers, settings, n_cached) -> AverageTrace:
         settings=dict(settings),
         skipped=skipped,
     )
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`trace`.
-
-    ``factedit.trace`` is exported as the function, but once this module has been imported
-    Python binds the package attribute ``factedit.trace`` to the module itself; making the
-    module callable keeps ``factedit.trace(model, tok, ...)`` working either way.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> TraceResult:
-        return trace(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
