@@ -29,7 +29,7 @@ from .corpus import Corpus, as_corpus
 from .fingerprint import module_params_fingerprint
 from .hooks import Trace, as_batch_seq
 from .models import cache_dir as default_cache_dir
-from .models import model_device, model_dtype
+from .models import max_positions, model_device, model_dtype
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,12 @@ def packed_token_rows(tok: Any, corpus: Corpus, tokens: int, seq_len: int) -> to
     return out
 
 
+def _fit_seq_len(model: nn.Module, seq_len: int) -> int:
+    # Rows longer than the model's position table would fail (GPT-2 style) or extrapolate.
+    limit = max_positions(model)
+    return min(seq_len, limit) if limit else seq_len
+
+
 @torch.no_grad()
 def compute_second_moment(
     model: nn.Module,
@@ -126,6 +132,7 @@ def compute_second_moment(
     arch = arch or describe(model)
     arch.layer_name(layer)  # range check
     corpus = as_corpus(corpus)
+    seq_len = _fit_seq_len(model, seq_len)
     rows = packed_token_rows(tok, corpus, tokens, seq_len)
     device = model_device(model)
     d = arch.mlp_size
@@ -173,6 +180,7 @@ def layer_stats(
     arch = arch or describe(model)
     arch.layer_name(layer)
     corpus = as_corpus(corpus)
+    seq_len = _fit_seq_len(model, seq_len)
     key = stats_key(model, arch, layer, corpus, tokens, seq_len)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stats"
     path = folder / f"{key}.safetensors"
