@@ -81,6 +81,10 @@ class ROMEHParams(HParams):
         mom2_adjustment: use u = C⁻¹k* (True) or u = k* (False, FastEdit-style).
         mom2_tokens: corpus tokens for C.
         original_key_bug: reproduce the research code's update with the unprefixed key.
+        key_mode: ``"mean"``: ΔW maps k* to W k* + δ (the paper, with r-ROME's fix);
+            ``"each"``: the rank-one ΔW = δ wᵀ whose w has the smallest C-norm with
+            wᵀkᵢ = 1 for every prompt's key kᵢ, the bare prompt's included, so each prompt the
+            value was optimised on gets the same shift δ.
         value_dtype: autocast dtype for the frozen network during the value optimisation
             (``"bfloat16"`` or ``None`` for the model's dtype).
         replay_lower_layers: compute the blocks below ``layer`` once and replay them.
@@ -99,6 +103,7 @@ class ROMEHParams(HParams):
     mom2_adjustment: bool = True
     mom2_tokens: int = 200_000
     original_key_bug: bool = False
+    key_mode: str = "mean"
     value_dtype: str | None = None
     replay_lower_layers: bool = True
 
@@ -113,6 +118,8 @@ class ROME(EditMethod):
     hparams_class = ROMEHParams
 
     def check(self, hparams: ROMEHParams, arch: ModelArch) -> None:
+        if hparams.key_mode not in ("mean", "each"):
+            raise ValueError(f"key_mode must be 'mean' or 'each', got {hparams.key_mode!r}")
         if not 0 <= hparams.layer < arch.n_layers:
             raise ValueError(f"ROME layer {hparams.layer} out of range: this model has layers 0..{arch.n_layers - 1}")
         if hparams.v_num_grad_steps < 1 or hparams.v_lr <= 0:
@@ -420,12 +427,17 @@ def compute_rome_update(
         # exactly δ for k* (the mean of the prefixed keys) and δ on average over them; the
         # research code divided by uᵀk₀ (the bare prompt's key), which mis-scales the edit.
         k = k_bare if hparams.original_key_bug else k_star
-        if mom2 is not None:
-            c = mom2.to(torch.float64)
-            u = torch.linalg.solve(c, k_star.to(c.device, torch.float64))
+        c = mom2.to(torch.float64) if mom2 is not None else None
+        if hparams.key_mode == "each" and not hparams.original_key_bug:
+            kk = keys.to(torch.float64 if c is None else c.device, torch.float64) if c is not None else keys.double()
+            cinv_k = torch.linalg.solve(c, kk.T) if c is not None else kk.T  # (d, n)
+            gram = kk @ cinv_k
+            ridge = 1e-6 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+            alpha = torch.linalg.solve(gram + ridge, torch.ones(len(gram), dtype=gram.dtype, device=gram.device))
+            left_in = (cinv_k @ alpha).float()
         else:
-            u = k_star.double()
-        left_in = (u / torch.dot(u, k.to(u.device, torch.float64))).float()  # (in,)
+            u = torch.linalg.solve(c, k_star.to(c.device, torch.float64)) if c is not None else k_star.double()
+            left_in = (u / torch.dot(u, k.to(u.device, torch.float64))).float()  # (in,)
         resid = delta_v.to(left_in.device)
         if arch.mlp_out_transposed:
             delta = LowRankDelta(left=left_in[:, None], right=resid[:, None])
