@@ -13,7 +13,7 @@ Typical use::
     cfg = make_config(model, method="rome", hparams=None, model_name="smollm2-135m",
                       dataset="counterfact_dev.json", kind="counterfact", generation=False)
     summary = run_evaluation(model, tok, cases, cfg, "results.jsonl")
-    print(summary.to_markdown())
+    table = summary.to_markdown()
 """
 
 from __future__ import annotations
