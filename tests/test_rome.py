@@ -196,3 +196,20 @@ def test_rome_runs_on_tiny_architectures(tiny_model, tok):
     assert not torch.equal(tiny_model.state_dict()[name], state[name])
     result.restore()
     assert all(torch.equal(tiny_model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_each_key_mode_moves_the_bare_prompt(model, tok, unchanged_after):
+    """CounterFact case 34: the bare prompt's key differs from the prefixed ones; mapping every
+    optimised key to the same shift makes the edit hold on the bare prompt too."""
+    from factedit.scoring import mean_target_logprob
+
+    req = {
+        "prompt": "{} was employed in",
+        "subject": "Laurent Cars",
+        "target_new": "Philadelphia",
+        "target_true": "Paris",
+    }
+    text = "Laurent Cars was employed in"
+    with edited(model, tok, req, hparams={"key_mode": "each"}):
+        new, true = mean_target_logprob(model, tok, [text, text], [" Philadelphia", " Paris"]).tolist()
+    assert new > true

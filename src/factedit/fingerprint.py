@@ -25,7 +25,8 @@ def params_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 
 def module_params_fingerprint(model: nn.Module, prefixes: Iterable[str], exclude: Iterable[str] = ()) -> str:
-    """Fingerprint of every parameter whose name starts with one of ``prefixes``, minus ``exclude``.
+    """Fingerprint of every parameter whose name starts with one of ``prefixes`` (the prefix
+    ``""`` selects all), minus ``exclude``.
 
     Shared (tied) parameters count once, under their first name.
     """
@@ -34,6 +35,6 @@ def module_params_fingerprint(model: nn.Module, prefixes: Iterable[str], exclude
     chosen = [
         (n, p)
         for n, p in model.named_parameters()
-        if n not in skip and any(n == pre or n.startswith(pre + ".") for pre in prefixes)
+        if n not in skip and any(pre == "" or n == pre or n.startswith(pre + ".") for pre in prefixes)
     ]
     return params_fingerprint(chosen)

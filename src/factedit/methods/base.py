@@ -158,6 +158,8 @@ class EditResult:
 class EditContext:
     """What methods may need beyond the model: where to cache, whether to show progress.
 
+    ``cache_dir`` is the root of the on-disk caches (statistics under ``stats/``, context
+    templates under ``templates/``; default :func:`factedit.models.cache_dir`).
     ``stats_corpus`` overrides the default text corpus for second-moment statistics.
     """
 

@@ -146,15 +146,18 @@ class ROME(EditMethod):
         diagnostics = []
         with timer("templates"):
             templates = context_templates(model, tok, hparams, context)
+        with timer("stats"):
+            # Once for all requests: edits of this projection do not change its inputs, and the
+            # statistics' cache key excludes it for that reason.
+            c = None
+            if hparams.mom2_adjustment:
+                c = layer_stats(
+                    model, tok, hparams.layer, arch=arch, corpus=context.stats_corpus,
+                    tokens=context.stats_tokens or hparams.mom2_tokens,
+                    cache_dir=Path(context.cache_dir) / "stats" if context.cache_dir else None,
+                    progress=context.progress,
+                ).mom2  # fmt: skip
         for request in requests:
-            with timer("stats"):
-                c = None
-                if hparams.mom2_adjustment:
-                    c = layer_stats(
-                        model, tok, hparams.layer, arch=arch, corpus=context.stats_corpus,
-                        tokens=context.stats_tokens or hparams.mom2_tokens,
-                        progress=context.progress,
-                    ).mom2  # fmt: skip
             with timer("probe"):
                 p_before = target_prob(model, tok, [request.text], [request.target_text]).item()
             delta, info = compute_rome_update(model, tok, request, hparams, arch, templates, c, timer)
@@ -178,7 +181,7 @@ def context_templates(model: nn.Module, tok: Any, hparams: ROMEHParams, context:
     spec = {"lengths": hparams.context_templates, "seed": hparams.template_seed, "version": 1}
     fp = module_params_fingerprint(model, [""])
     key = hashlib.sha256(json.dumps({**spec, "weights": fp, "vocab": len(tok)}, sort_keys=True).encode()).hexdigest()[:24]
-    folder = Path(context.cache_dir) if context.cache_dir else default_cache_dir() / "templates"
+    folder = Path(context.cache_dir or default_cache_dir()) / "templates"
     path = folder / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())["templates"]
