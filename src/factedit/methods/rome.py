@@ -11,7 +11,8 @@ One fact is written into the MLP output projection W of one layer as a rank-one 
    model's next-token distribution after "{subject} is a" unchanged, weight decay on δ and a
    norm clamp; v* = (original MLP output) + δ.
 4. **Update** ΔW = (v* − W k*) uᵀ / (uᵀ k*), so that W' k* = v*, applied in the weight's
-   storage orientation.
+   storage orientation. With ``key_mode="each"`` the rank-one update instead gives every
+   optimised prompt's key the same shift (see :class:`ROMEHParams`).
 
 The research code formed step 4 with the key of the unprefixed prompt instead of k*, which
 produces the "disabling" edits described by Gupta et al. 2024 (r-ROME). factedit uses k*; the
