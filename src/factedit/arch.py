@@ -129,7 +129,12 @@ class ModelArch:
     # ---- computations --------------------------------------------------------------------
     def logits_from_hidden(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the final norm and unembedding (and logit soft-capping, if any) to residuals."""
-        out = get_module(model, self.unembed)(get_module(model, self.final_norm)(hidden))
+        return self.logits_from_normed(model, get_module(model, self.final_norm)(hidden))
+
+    def logits_from_normed(self, model: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+        """Unembed outputs of the final norm (and soft-cap the logits, if the model does)."""
+        unembed = get_module(model, self.unembed)
+        out = unembed(normed.to(unembed.weight.dtype))
         if self.final_logit_softcapping:
             cap = self.final_logit_softcapping
             out = torch.tanh(out / cap) * cap

@@ -48,7 +48,6 @@ from ..hooks import (
     as_batch_seq,
     first_tensor,
     frozen_parameters,
-    get_module,
     replace_module,
     with_first_tensor,
 )
@@ -349,13 +348,8 @@ def compute_value(
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         return first_tensor(td[norm_name].output)
 
-    unembed = get_module(model, arch.unembed)
-
     def logits_at(h: torch.Tensor, r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        out = unembed(h[r, p].to(unembed.weight.dtype)).float()
-        if arch.final_logit_softcapping:
-            out = torch.tanh(out / arch.final_logit_softcapping) * arch.final_logit_softcapping
-        return out
+        return arch.logits_from_normed(model, h[r, p]).float()
 
     replay: list[Any] = []
     if hparams.replay_lower_layers and hparams.layer > 0:
