@@ -13,7 +13,10 @@ def tensor_digest(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
     """Feed a tensor's name, dtype, shape and exact bytes into ``h``."""
     t = t.detach().contiguous()
     h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.cpu().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        # Hash the array's buffer in place: ``tobytes()`` would first copy every weight, which
+        # cost more than the hash itself (3.5 s against 1.0 s for 540 MB on this machine).
+        h.update(t.cpu().view(torch.uint8).numpy())
 
 
 def params_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
