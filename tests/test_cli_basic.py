@@ -23,11 +23,39 @@ def test_help(capsys):
     assert "usage: factedit" in out and "generate" in out and "info" in out
 
 
-def test_no_command_is_an_error(capsys):
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "usage: factedit" in out and "edit" in out and "methods" in out
+
+
+def test_version(capsys):
     with pytest.raises(SystemExit) as info:
-        main([])
-    assert info.value.code == 2
-    assert "COMMAND" in capsys.readouterr().err
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("factedit ")
+
+
+def test_every_command_and_flag_has_help():
+    from factedit.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    missing = []
+    for name, p in sub.choices.items():
+        if not p.description and not any(c.dest == name and c.help for c in sub._choices_actions):
+            missing.append(name)
+        missing += [f"{name} {a.option_strings or a.dest}" for a in p._actions if a.help in (None, "")]
+    assert not missing, missing
+
+
+def test_methods_lists_and_shows_hparams(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "rome" in out and "ft-l" in out
+    assert main(["methods", "--show-hparams", "ROME"]) == 0
+    hp = json.loads(capsys.readouterr().out)
+    assert hp["layer"] == 4 and "v_lr" in hp
 
 
 def test_generate(model, capsys):
@@ -69,7 +97,7 @@ def test_info_json(model, capsys):
 def test_bad_model_is_a_clear_error(capsys):
     assert main(["info", "--model", "/nonexistent/model"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("factedit: error:") and "does not exist" in err
+    assert "factedit: error:" in err and "does not exist" in err
     assert "Traceback" not in err
 
 

@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, assert_weights_equal
 from edit_helpers import logits, rank_one, synthetic_edit
 from factedit.demo import EXAMPLES, demo_model_editing, generate_interactive
-from factedit.generate import generate
+from factedit.generation import generate
 from factedit.hooks import get_parameter
 from factedit.saving import apply_edits
 

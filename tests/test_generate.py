@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from factedit.arch import describe
-from factedit.generate import format_lens, generate, logit_lens
+from factedit.generation import format_lens, generate, logit_lens
 
 EIFFEL = "The Eiffel Tower is located in the city of"
 

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from .generate import format_lens, generate, logit_lens
+from .generation import format_lens, generate, logit_lens
 from .hooks import get_parameter
 from .requests import EditRequest, as_requests
 from .scoring import target_prob

@@ -209,7 +209,7 @@ def measure_case(
     texts: list[str] = []
     do_gen = config.generation if generation is None else generation
     if do_gen and case.generation_prompts:
-        from ..generate import generate
+        from ..generation import generate
 
         t1 = time.perf_counter()
         prompts = list(case.generation_prompts)

@@ -37,17 +37,13 @@ class MethodNotAvailableError(ValueError):
 
 def _methods() -> dict[str, type[EditMethod]]:
     # Imported here so that importing factedit does not import every method's dependencies.
+    # Every method module is imported unconditionally: one that fails to import is an error
+    # for every caller, never a silently missing method.
+    from .ft import FT, FTL, FTAttnEdit
+    from .kn import KN
     from .rome import ROME
 
-    classes: list[type[EditMethod]] = [ROME]
-    with contextlib.suppress(ImportError):
-        from .ft import FT, FTL, FTAttnEdit
-
-        classes += [FT, FTL, FTAttnEdit]
-    with contextlib.suppress(ImportError):
-        from .kn import KN
-
-        classes.append(KN)
+    classes: list[type[EditMethod]] = [ROME, FT, FTL, FTAttnEdit, KN]
     return {c.name: c for c in classes}
 
 

@@ -175,6 +175,8 @@ class EditMethod(ABC):
 
     name: ClassVar[str]
     hparams_class: ClassVar[type[HParams]]
+    #: One line for ``factedit methods``.
+    summary: ClassVar[str] = ""
 
     def check(self, hparams: HParams, arch: ModelArch) -> None:
         """Raise ``ValueError`` for hyperparameters that cannot work on this model."""

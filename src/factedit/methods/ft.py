@@ -233,6 +233,7 @@ class FT(EditMethod):
     """Fine-tune the MLP output projection of the chosen layer(s), unconstrained."""
 
     name: ClassVar[str] = "ft"
+    summary: ClassVar[str] = "fine-tunes one MLP output projection on the new target (unconstrained)"
     hparams_class: ClassVar[type[HParams]] = FTHParams
 
     def check(self, hparams: HParams, arch: ModelArch) -> None:
@@ -301,6 +302,7 @@ class FTL(FT):
     """FT with every trained weight kept within ``norm_constraint`` (L-inf) of its original."""
 
     name: ClassVar[str] = "ft-l"
+    summary: ClassVar[str] = "fine-tuning kept within an L-inf ball of radius epsilon around the weights"
     hparams_class: ClassVar[type[HParams]] = FTLHParams
 
 
@@ -308,4 +310,5 @@ class FTAttnEdit(FT):
     """Fine-tune the attention output projections of a range of late layers."""
 
     name: ClassVar[str] = "ft-attnedit"
+    summary: ClassVar[str] = "fine-tunes the attention output projections of late layers"
     hparams_class: ClassVar[type[HParams]] = FTAttnEditHParams

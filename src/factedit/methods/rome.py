@@ -41,7 +41,7 @@ from torch import nn
 
 from ..arch import ModelArch
 from ..fingerprint import module_params_fingerprint
-from ..generate import generate
+from ..generation import generate
 from ..hooks import (
     Trace,
     TraceDict,
@@ -115,6 +115,7 @@ class ROMEHParams(HParams):
 
 class ROME(EditMethod):
     name = "rome"
+    summary = "rank-one update of one MLP output projection (r-ROME key fix on by default)"
     hparams_class = ROMEHParams
 
     def check(self, hparams: ROMEHParams, arch: ModelArch) -> None:

@@ -7,8 +7,10 @@ import json
 import math
 from pathlib import Path
 
+from .common import add_model_args, load
 
-def register(subparsers, add_model_args) -> None:
+
+def register(subparsers) -> None:
     p = subparsers.add_parser(
         "trace",
         help="causal tracing: which layers and tokens carry a fact",
@@ -62,7 +64,7 @@ def register(subparsers, add_model_args) -> None:
 
 
 def _kinds(text: str) -> list[str]:
-    from .tracing import KINDS
+    from ..tracing import KINDS
 
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
@@ -78,9 +80,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise ValueError("give either a PROMPT (with --subject) or --facts FILE")
     if args.prompt is not None and not args.subject:
         raise ValueError("--subject is required with a PROMPT")
-    from .cli import _load
 
-    model, tok = _load(args)
+    model, tok = load(args)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.facts is not None:
         return _trace_facts(args, model, tok, kinds, formats)
@@ -88,8 +89,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _trace_prompt(args, model, tok, kinds, formats) -> int:
-    from .trace_plot import plot_trace
-    from .tracing import CausalTracer
+    from ..trace_plot import plot_trace
+    from ..tracing import CausalTracer
 
     tracer = CausalTracer(
         model, tok, args.prompt, args.subject, args.answer, noise=args.noise, samples=args.samples,
@@ -117,8 +118,8 @@ def _trace_prompt(args, model, tok, kinds, formats) -> int:
 
 
 def _trace_facts(args, model, tok, kinds, formats) -> int:
-    from .trace_plot import plot_average
-    from .tracing import average_trace, load_facts
+    from ..trace_plot import plot_average
+    from ..tracing import average_trace, load_facts
 
     facts = load_facts(args.facts)
     avg = average_trace(

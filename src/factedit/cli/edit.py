@@ -7,8 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from .common import add_model_args, load
 
-def register(sub, add_model_args) -> None:
+
+def register(sub) -> None:
     p = sub.add_parser(
         "edit",
         help="write a fact into a model and show probabilities and generations before/after",
@@ -28,14 +30,14 @@ def register(sub, add_model_args) -> None:
     p.add_argument("--hparams", default=None, help="hyperparameters: a JSON/YAML file or an inline JSON object of overrides")
     p.add_argument("--layer", type=int, default=None, help="override the edited layer (ROME)")
     p.add_argument("--generate", nargs="*", default=[], metavar="PROMPT", help="prompts to generate from before and after")
-    p.add_argument("--max-new-tokens", type=int, default=25)
+    p.add_argument("--max-new-tokens", type=int, default=25, help="tokens generated per prompt (default 25)")
     p.add_argument("--save", type=Path, default=None, help="save the edit (safetensors) to this file")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_model_args(p)
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("stats", help="compute and cache the second-moment statistics ROME uses for a layer")
-    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--layer", type=int, required=True, help="block whose MLP output projection's inputs are measured")
     p.add_argument("--tokens", type=int, default=None, help="corpus tokens (default: ROME's mom2_tokens)")
     p.add_argument("--corpus", type=Path, default=None, help="text/JSON/JSONL corpus (default: packaged Wikipedia)")
     p.add_argument("--recompute", action="store_true", help="compute afresh, without reading or writing the cache")
@@ -58,7 +60,7 @@ def _hparams_arg(args: argparse.Namespace):
 
 
 def _requests(args: argparse.Namespace):
-    from .requests import EditRequest, as_requests
+    from ..requests import EditRequest, as_requests
 
     if args.requests is not None:
         if any(v is not None for v in (args.prompt, args.subject, args.target)):
@@ -73,13 +75,12 @@ def _requests(args: argparse.Namespace):
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from .cli import _load
-    from .generate import generate
-    from .methods import EditContext, edit
-    from .scoring import target_prob
+    from ..generation import generate
+    from ..methods import EditContext, edit
+    from ..scoring import target_prob
 
     requests = _requests(args)
-    model, tok = _load(args)
+    model, tok = load(args)
     gen_prompts = args.generate or [r.text for r in requests]
     before = generate(model, tok, gen_prompts, max_new_tokens=args.max_new_tokens)
     result = edit(
@@ -107,12 +108,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .arch import describe
-    from .cli import _load
-    from .methods.rome import ROMEHParams
-    from .stats import layer_stats
+    from ..arch import describe
+    from ..methods.rome import ROMEHParams
+    from ..stats import layer_stats
 
-    model, tok = _load(args)
+    model, tok = load(args)
     arch = describe(model)
     tokens = args.tokens or ROMEHParams.defaults_for("rome", model, arch).mom2_tokens
     s = layer_stats(model, tok, args.layer, arch=arch, corpus=args.corpus, tokens=tokens, use_cache=not args.recompute)

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .common import add_model_args, load
 
-def register(subparsers: Any, add_model_args: Any) -> None:
+
+def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
         help="evaluate an editing method on CounterFact or zsRE (resumable)",
@@ -114,8 +116,8 @@ def _write_outputs(summary: Any, args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import load_dataset, make_config, read_results, run_evaluation, summarize
-    from .models import DEFAULT_MODEL
+    from ..evaluate import load_dataset, make_config, read_results, run_evaluation, summarize
+    from ..models import DEFAULT_MODEL
 
     kind, data = _data_args(args.data)
     generation = not args.no_generation
@@ -127,9 +129,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     cases = load_dataset(data, kind, limit=args.limit, skip_invalid=args.skip_invalid)
     hparams = _parse_hparams(args.hparams)
-    from .cli import _load
 
-    model, tok = _load(args)
+    model, tok = load(args)
     model_name = (args.model or DEFAULT_MODEL) + (f"@{args.dtype}" if args.dtype else "")
     config = make_config(
         model,

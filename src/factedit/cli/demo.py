@@ -8,11 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import _load
+from .common import add_model_args, load
 
 
-def register(subparsers: argparse._SubParsersAction, add_model_args) -> None:
-    from .demo import EXAMPLES
+def register(subparsers) -> None:
+    from ..demo import EXAMPLES
 
     p = subparsers.add_parser(
         "demo",
@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction, add_model_args) -> None:
     p.add_argument(
         "--hparams", default=None, help="hyperparameters file (JSON/YAML) overriding the defaults"
     )
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per prompt (default 40)")
     p.add_argument(
         "--top-k", type=int, default=None, help="sample from the top k tokens (default: greedy)"
     )
@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction, add_model_args) -> None:
     p.add_argument(
         "--logit-lens", action="store_true", help="also show each layer's top next tokens"
     )
-    p.add_argument("--lens-top-k", type=int, default=5)
+    p.add_argument("--lens-top-k", type=int, default=5, help="tokens per layer in the logit lens (default 5)")
     p.add_argument(
         "--max-out-len", type=int, default=100, help="prompt + continuation tokens (default 100)"
     )
@@ -82,13 +82,13 @@ def register(subparsers: argparse._SubParsersAction, add_model_args) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import EXAMPLES, demo_model_editing
-    from .methods import EditContext
+    from ..demo import EXAMPLES, demo_model_editing
+    from ..methods import EditContext
 
     names = args.example or ["steve-jobs"]
     if "all" in names:
         names = list(EXAMPLES)
-    model, tok = _load(args)
+    model, tok = load(args)
     result = None
     for name in dict.fromkeys(names):
         ex = EXAMPLES[name]
@@ -115,10 +115,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .demo import generate_interactive
-    from .saving import apply_edits
+    from ..demo import generate_interactive
+    from ..saving import apply_edits
 
-    model, tok = _load(args)
+    model, tok = load(args)
     applied = None
     if args.edits:
         applied = apply_edits(model, args.edits)
@@ -161,14 +161,14 @@ def _reader():
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from .saving import apply_edits, edits_summary, load_edit
+    from ..saving import apply_edits, edits_summary, load_edit
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; choose another --out")
     # Validate the files before loading the model, so a bad file fails fast.
     saved = [load_edit(p) for p in args.edits]
-    model, tok = _load(args)
+    model, tok = load(args)
     applied = apply_edits(model, saved)
     for a in applied:
         print(f"applied {a.saved.describe()}")

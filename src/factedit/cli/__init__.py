@@ -1,0 +1,64 @@
+"""The ``factedit`` command line. Parses, calls the library, prints; no algorithms here.
+
+Each module in :data:`COMMAND_MODULES` defines ``register(subparsers)``, which adds its
+subcommand(s) with ``func`` set. The list is explicit and every module is imported: a module
+that fails to import is an error, never a silently missing command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+
+#: One module per command group.
+COMMAND_MODULES: tuple[str, ...] = (
+    "inspect",  # generate, info
+    "edit",  # edit, stats
+    "methods",  # methods
+    "demo",  # demo, chat, apply
+    "trace",  # trace
+    "eval",  # eval
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="factedit",
+        description="Locate and edit factual knowledge in transformer language models.",
+        epilog="Run 'factedit COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"factedit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details and show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, LookupError, OSError, RuntimeError) as exc:
+        if args.verbose:
+            raise
+        print(f"factedit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""What every subcommand shares: model options, loading, thread control, progress lines."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+log = logging.getLogger("factedit")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--dtype``, ``--device`` and ``--threads`` for a command that loads a model."""
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="model: packaged name (smollm2-135m [default], gemma3-270m), a folder, a .gguf file or a hub id",
+    )
+    g.add_argument("--dtype", default=None, help="weights' dtype: float32 (default), bfloat16, float16")
+    g.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    add_threads_arg(g)
+
+
+def add_threads_arg(p: Any) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: $FACTEDIT_THREADS, else the cores not already busy "
+        "by the 1-minute load average, at least 1). Too many threads on a busy machine make "
+        "torch 5-10x slower; results are reproducible for the same thread count and dtype",
+    )
+
+
+def default_threads() -> int:
+    """Cores this process may use, minus those other processes keep busy (load average).
+
+    torch's own default takes every core; with another job running, its threads then
+    wait on each other and a forward pass gets many times slower.
+    """
+    env = os.environ.get("FACTEDIT_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"FACTEDIT_THREADS must be a whole number, got {env!r}") from None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:
+        busy = 0
+    return max(1, cores - busy)
+
+
+def set_threads(requested: int | None) -> int:
+    """Set torch's intra-op threads to ``requested`` (or :func:`default_threads`); returns it."""
+    import torch
+
+    n = requested if requested is not None else default_threads()
+    if n < 1:
+        raise ValueError(f"--threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+    log.info("using %d CPU thread(s)", n)
+    return n
+
+
+def load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Set threads and load ``(model, tokenizer)`` from the common options, saying so."""
+    from ..models import load_model
+
+    set_threads(getattr(args, "threads", None))
+    status(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...")
+    return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
+def status(message: str) -> None:
+    """A progress line for the user (stderr, so stdout stays the command's output)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_hparams(value: str | None) -> Any:
+    """``--hparams``: inline JSON overrides (``{...}``), a JSON/YAML file, or ``None``."""
+    import json
+    from pathlib import Path
+
+    if value is None:
+        return None
+    if value.lstrip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--hparams is not valid JSON: {exc}") from None
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"--hparams: file {path} does not exist (give a file or inline JSON)")
+    return path
