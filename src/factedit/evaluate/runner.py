@@ -636,6 +636,12 @@ def _run_case(
         # agreement metrics after the model has changed.
         "pre_neighborhood_argmax": [list(a) for a in pre.neighborhood.true_argmax],
     }
+    diagnostics = getattr(result, "diagnostics", None) or [{}]
+    # The method's own scalar diagnostics (steps, losses, efficacy check), for looking into
+    # individual cases; the metrics above never depend on them.
+    record["diagnostics"] = {
+        k: v for k, v in diagnostics[0].items() if isinstance(v, (bool, int, float, str)) or v is None
+    }
     if post.generations:
         record["generations"] = {"pre": pre.generations, "post": post.generations}
     return record
