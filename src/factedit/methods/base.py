@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..arch import ModelArch
-from ..hooks import get_parameter
+from ..hooks import get_parameter, is_offloaded, parameter_value, set_parameter_value
 from ..hparams import HParams
 from ..requests import EditRequest
 
@@ -76,7 +76,7 @@ class WeightEditor:
     def apply(self, deltas: Mapping[str, Delta]) -> None:
         dense: dict[str, torch.Tensor] = {}
         for name, delta in deltas.items():
-            param = get_parameter(self.model, name)
+            param = get_parameter(self.model, name)  # a clear LookupError for a wrong name
             mat = materialize(delta)
             if tuple(mat.shape) != tuple(param.shape):
                 raise EditError(f"update for {name} has shape {tuple(mat.shape)}, parameter {tuple(param.shape)}")
@@ -85,11 +85,16 @@ class WeightEditor:
             dense[name] = mat
         with torch.no_grad():
             for name, mat in dense.items():
-                param = get_parameter(self.model, name)
+                value = parameter_value(self.model, name)
                 if name not in self.original:
-                    self.original[name] = param.detach().clone()
-                param.add_(mat.to(device=param.device, dtype=param.dtype))
-            bad = [n for n in dense if not torch.isfinite(get_parameter(self.model, n)).all()]
+                    self.original[name] = value.detach().clone()
+                if is_offloaded(self.model, name):
+                    # accelerate reloads offloaded weights for every pass: change its store.
+                    new = value + mat.to(device=value.device, dtype=value.dtype)
+                    set_parameter_value(self.model, name, new)
+                else:
+                    value.add_(mat.to(device=value.device, dtype=value.dtype))
+            bad = [n for n in dense if not torch.isfinite(parameter_value(self.model, n)).all()]
         if bad:
             self.restore()
             raise NonFiniteUpdateError(f"applying the update made {bad} non-finite; model restored")
@@ -98,7 +103,7 @@ class WeightEditor:
     def restore(self) -> None:
         with torch.no_grad():
             for name, value in self.original.items():
-                get_parameter(self.model, name).copy_(value)
+                set_parameter_value(self.model, name, value)
 
 
 @dataclass
@@ -144,7 +149,7 @@ class EditResult:
         """Put every touched parameter back bit-for-bit. Idempotent."""
         with torch.no_grad():
             for name, value in self.original.items():
-                get_parameter(self.model, name).copy_(value)
+                set_parameter_value(self.model, name, value)
         self.restored = True
 
     def save(self, path: str | Path) -> Path:

@@ -48,12 +48,13 @@ from ..hooks import (
     as_batch_seq,
     first_tensor,
     frozen_parameters,
+    get_module,
     replace_module,
     with_first_tensor,
 )
 from ..hparams import HParams
 from ..models import cache_dir as default_cache_dir
-from ..models import model_device, parse_dtype
+from ..models import model_device, module_device, parse_dtype
 from ..requests import EditRequest
 from ..scoring import target_prob
 from ..stats import layer_stats
@@ -251,7 +252,9 @@ def compute_key(
     device = model_device(model)
     with Trace(model, arch.mlp_out_name(layer), retain_input=True, retain_output=False, stop=True) as tr:
         model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
-    keys = as_batch_seq(tr.input, *b.input_ids.shape)[torch.arange(len(texts)), b.subject_pos.to(device)].float()
+    # On the device that computes the layer (not the inputs' device under a device map).
+    at = tr.input.device
+    keys = as_batch_seq(tr.input, *b.input_ids.shape)[torch.arange(len(texts), device=at), b.subject_pos.to(at)].float()
     return keys
 
 
@@ -302,7 +305,11 @@ def compute_value(
     The model's weights are unchanged when this returns (only activations are altered,
     through hooks that are removed on exit).
     """
-    device = model_device(model)
+    device = model_device(model)  # inputs
+    # δ lives where the edited layer computes; the losses where the unembedding does (they
+    # differ when a device map spreads the model over devices).
+    layer_dev = module_device(get_module(model, arch.mlp_name(hparams.layer)))
+    out_dev = module_device(get_module(model, arch.unembed))
     target_ids = encode_target(tok, request.target_text)
     texts, starts = _prefixed(request, templates)
     kl_texts = [p.replace("{}", request.subject) for p in hparams.kl_prompts]
@@ -310,8 +317,8 @@ def compute_value(
     suffixes = [target_ids[:-1]] * len(texts) + [[] for _ in kl_texts]
     b = _subject_batch(tok, texts + kl_texts, request.subject, starts + kl_starts, suffixes)
     ids, mask = b.input_ids.to(device), b.attention_mask.to(device)
-    n_rw, rows = len(texts), torch.arange(len(texts) + len(kl_texts), device=device)
-    subj = b.subject_pos.to(device)
+    n_rw, rows = len(texts), torch.arange(len(texts) + len(kl_texts), device=layer_dev)
+    subj = b.subject_pos.to(layer_dev)
     # Flattened (row, position, target token) triples for the NLL.
     r_idx, p_idx, t_idx, weights = [], [], [], []
     for i in range(n_rw):
@@ -320,13 +327,15 @@ def compute_value(
         p_idx += pos
         t_idx += target_ids
         weights += [1.0 / len(target_ids)] * len(pos)
-    r_idx_t, p_idx_t = torch.tensor(r_idx, device=device), torch.tensor(p_idx, device=device)
-    t_idx_t, w_t = torch.tensor(t_idx, device=device), torch.tensor(weights, device=device)
-    kl_rows = torch.arange(n_rw, n_rw + len(kl_texts), device=device)
+    r_idx_t, p_idx_t = torch.tensor(r_idx, device=out_dev), torch.tensor(p_idx, device=out_dev)
+    t_idx_t, w_t = torch.tensor(t_idx, device=out_dev), torch.tensor(weights, device=out_dev)
+    kl_rows = torch.arange(n_rw, n_rw + len(kl_texts), device=out_dev)
+    kl_pos = torch.full_like(kl_rows, b.last_pos)
+    nll_rows = torch.arange(len(t_idx_t), device=out_dev)
 
     mlp_name, norm_name = arch.mlp_name(hparams.layer), arch.final_norm
     autocast_dtype = parse_dtype(hparams.value_dtype)
-    delta = torch.zeros(arch.hidden_size, device=device, requires_grad=True)
+    delta = torch.zeros(arch.hidden_size, device=layer_dev, requires_grad=True)
     state: dict[str, Any] = {}
 
     def add_delta(output: Any, layer: str) -> Any:
@@ -341,7 +350,7 @@ def compute_value(
     def run() -> torch.Tensor:
         """Final-norm outputs (the lm head is applied only where a loss reads)."""
         ctx = (
-            torch.autocast(device_type=device.type, dtype=autocast_dtype)
+            torch.autocast(device_type=layer_dev.type, dtype=autocast_dtype)
             if autocast_dtype is not None
             else contextlib.nullcontext()
         )
@@ -350,7 +359,7 @@ def compute_value(
         return first_tensor(td[norm_name].output)
 
     def logits_at(h: torch.Tensor, r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return arch.logits_from_normed(model, h[r, p]).float()
+        return arch.logits_from_normed(model, h[r.to(h.device), p.to(h.device)]).float().to(out_dev)
 
     replay: list[Any] = []
     if hparams.replay_lower_layers and hparams.layer > 0:
@@ -369,14 +378,14 @@ def compute_value(
             opt.zero_grad()
             h = run()
             lp = torch.log_softmax(logits_at(h, r_idx_t, p_idx_t), dim=-1)
-            nll = -(lp[torch.arange(len(t_idx_t), device=device), t_idx_t] * w_t).sum() / n_rw
-            kl_lp = torch.log_softmax(logits_at(h, kl_rows, torch.full_like(kl_rows, b.last_pos)), dim=-1)
+            nll = -(lp[nll_rows, t_idx_t] * w_t).sum() / n_rw
+            kl_lp = torch.log_softmax(logits_at(h, kl_rows, kl_pos), dim=-1)
             if kl_ref is None:
                 kl_ref = kl_lp.detach()
             kl = torch.nn.functional.kl_div(kl_lp, kl_ref, log_target=True, reduction="batchmean")
             v0 = state["v0"]
             wd = hparams.v_weight_decay * delta.norm() ** 2 / v0.norm() ** 2
-            loss = nll + hparams.kl_factor * kl + wd
+            loss = (nll + hparams.kl_factor * kl).to(layer_dev) + wd
             losses.append(nll.item())
             if nll.item() < hparams.early_stop_loss:
                 break
