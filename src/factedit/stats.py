@@ -144,6 +144,7 @@ def compute_second_moment(
     batch_rows: int = 8,
     progress: bool = True,
     distributed: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Compute ``(E[k kᵀ], E[k], count)`` for the projection input at ``layer``, uncached.
 
@@ -156,12 +157,14 @@ def compute_second_moment(
     measures every ``world``-th token row and the partial sums are all-reduced, so every rank
     returns the statistics of all rows (the same as one process, up to float32 rounding of
     the per-batch products). All ranks must call it with the same arguments.
+
+    ``rows``: token rows already made by :func:`packed_token_rows` (``-1`` = padding), to
+    skip tokenising (``corpus``, ``tokens`` and ``seq_len`` are then ignored).
     """
     arch = arch or describe(model)
     arch.layer_name(layer)  # range check
-    corpus = as_corpus(corpus)
-    seq_len = _fit_seq_len(model, seq_len)
-    rows = packed_token_rows(tok, corpus, tokens, seq_len)
+    if rows is None:
+        rows = packed_token_rows(tok, as_corpus(corpus), tokens, _fit_seq_len(model, seq_len))
     rank, world = _process_group() if distributed else (0, 1)
     # Strided rows: every rank gets the same number of full rows, give or take one.
     rows = rows[rank::world]
