@@ -107,11 +107,12 @@ def timed(fn, device: torch.device) -> float:
 
 
 def check_stats(model, tok, arch, layer: int, device, tokens: int, batch_rows: int) -> dict:
+    from factedit.models import max_positions
     from factedit.stats import compute_second_moment, packed_token_rows
 
     corpus = random_corpus(tok, n_docs=max(8, tokens // 200), words=256)
     t0 = time.perf_counter()
-    rows = packed_token_rows(tok, corpus, tokens, 256)
+    rows = packed_token_rows(tok, corpus, tokens, min(256, max_positions(model) or 256))
     tokenise = time.perf_counter() - t0
     n = int((rows >= 0).sum())
     name = arch.mlp_out_name(layer)
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=str(REPO / ".gpu_check" / "tokenizer"))
     ap.add_argument("--save-tokenizer", default=None, metavar="DIR", help="save the tokenizer for the GPU machine and exit")
     ap.add_argument("--no-cli", action="store_true", help="skip the command-line checks")
+    ap.add_argument("--cli-dtypes", default="bfloat16", help="dtypes of the command-line checks")
     args = ap.parse_args(argv)
     tok = load_tokenizer(args.tokenizer)
     if args.save_tokenizer:
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
         if not args.no_cli:
             print(f"\ncommand line on {device} (small saved Llama):")
-            for dtype_name in args.dtypes.split(","):
+            for dtype_name in args.cli_dtypes.split(","):
                 for line in cli_checks(str(device), dtype_name, tok, args.smoke, work / dtype_name):
                     print(line.replace("factedit", f"factedit [{dtype_name}]", 1))
     out = os.environ.get("OUT")
