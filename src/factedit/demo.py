@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .generation import format_lens, generate, logit_lens
-from .hooks import get_parameter
+from .hooks import parameter_value, set_parameter_value
 from .requests import EditRequest, as_requests
 from .scoring import target_prob
 
@@ -219,16 +219,16 @@ def swapped_out(model: nn.Module, original: Mapping[str, torch.Tensor]) -> Itera
     Only the touched parameters are copied, so comparing against the original model costs one
     extra copy of the edited matrices, not a second model.
     """
-    edited = {n: get_parameter(model, n).detach().clone() for n in original}
+    edited = {n: parameter_value(model, n).detach().clone() for n in original}
     try:
         with torch.no_grad():
             for n, v in original.items():
-                get_parameter(model, n).copy_(v)
+                set_parameter_value(model, n, v)
         yield
     finally:
         with torch.no_grad():
             for n, v in edited.items():
-                get_parameter(model, n).copy_(v)
+                set_parameter_value(model, n, v)
 
 
 def generate_interactive(

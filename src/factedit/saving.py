@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from .fingerprint import tensor_digest
-from .hooks import get_parameter
-from .models import model_device
+from .hooks import get_module, get_parameter, parameter_value, set_parameter_value
+from .models import module_device
 from .requests import EditRequest, requests_to_json
 
 log = logging.getLogger(__name__)
@@ -381,7 +381,7 @@ def check_base(model: nn.Module, saved: SavedEdit) -> None:
                 f"this edit was made on {made_on}: parameter {name!r} there is "
                 f"{p['dtype']}{tuple(p['shape'])}, here {_dtype_name(param.dtype)}{tuple(param.shape)}"
             )
-        if _sha256_tensor(name, param) != p["sha256"]:
+        if _sha256_tensor(name, parameter_value(model, name)) != p["sha256"]:
             hint = (
                 f"; apply the edit(s) it was made on top of first ({len(saved.applied_before)} recorded)"
                 if saved.applied_before
@@ -407,7 +407,7 @@ class AppliedEdit:
         self.original = original
         self.edit_id = saved.edit_id
         self.reverted = False
-        self._after = {n: _sha256_tensor(n, get_parameter(model, n)) for n in original}
+        self._after = {n: _sha256_tensor(n, parameter_value(model, n)) for n in original}
 
     @property
     def orig_weights(self) -> dict[str, torch.Tensor]:
@@ -428,7 +428,7 @@ class AppliedEdit:
         changed = [
             n
             for n, h in self._after.items()
-            if _sha256_tensor(n, get_parameter(self.model, n)) != h
+            if _sha256_tensor(n, parameter_value(self.model, n)) != h
         ]
         if changed:
             raise RevertOrderError(
@@ -437,7 +437,7 @@ class AppliedEdit:
             )
         with torch.no_grad():
             for name, value in self.original.items():
-                get_parameter(self.model, name).copy_(value)
+                set_parameter_value(self.model, name, value)
         if self in stack:
             stack.remove(self)
         self.reverted = True
@@ -483,15 +483,16 @@ def apply_edit(model: nn.Module, edit: SavedEdit | str | os.PathLike) -> Applied
 
     saved = edit if isinstance(edit, SavedEdit) else load_edit(edit)
     check_base(model, saved)
-    device = model_device(model)
     editor = WeightEditor(model)
     try:
         for step in saved.steps:
-            # Same device as the in-memory edit had, so the product is formed identically.
+            # Same device as the in-memory edit had (the device that computes the parameter's
+            # layer), so the product is formed identically.
+            devices = {n: module_device(get_module(model, n.rpartition(".")[0])) for n in step}
             moved = {
-                n: LowRankDelta(d.left.to(device), d.right.to(device))
+                n: LowRankDelta(d.left.to(devices[n]), d.right.to(devices[n]))
                 if isinstance(d, LowRankDelta)
-                else d.to(device)
+                else d.to(devices[n])
                 for n, d in step.items()
             }
             editor.apply(moved)

@@ -43,7 +43,7 @@ from torch import nn
 
 from .arch import ModelArch, describe
 from .hooks import TraceDict, first_tensor, get_module, with_first_tensor
-from .models import model_device
+from .models import model_device, module_device
 from .tokens import subject_token_range
 
 log = logging.getLogger(__name__)
@@ -290,9 +290,11 @@ class CausalTracer:
             TraceDict(model, [n for k in KINDS for n in names[k]], clone=True, detach=True) as td,
         ):
             probs = self._last_probs(self._input)[0]
-        # clean[kind]: (layers, tokens, hidden) states of the clean run, on the model's device.
+        # clean[kind]: (layers, tokens, hidden) states of the clean run, on the inputs' device
+        # (layers may compute on other devices under a device map).
         self.clean = {
-            k: torch.stack([first_tensor(td[n].output)[0] for n in names[k]]) for k in KINDS
+            k: torch.stack([first_tensor(td[n].output)[0].to(self._device) for n in names[k]])
+            for k in KINDS
         }
         top = int(probs.argmax())
         if answer is None:
@@ -360,10 +362,13 @@ class CausalTracer:
                 rows, toks = patches.setdefault(layer, ([], []))
                 rows.extend(range(g * k, (g + 1) * k))
                 toks.extend([t] * k)
-        index = {
-            layer: (torch.tensor(r, device=self._device), torch.tensor(t, device=self._device))
-            for layer, (r, t) in patches.items()
-        }
+        index = {}
+        for layer, (r, t) in patches.items():
+            # Indices and clean states where the patched layer computes, made once per call.
+            dev = module_device(get_module(self.model, self._names[kind][layer]))
+            toks_t = torch.tensor(t, device=dev)
+            clean = self.clean[kind][layer].to(dev)[toks_t]
+            index[layer] = (torch.tensor(r, device=dev), toks_t, clean)
         s, e = self.subject_range
         noise = self.noise.repeat(n_sets, 1, 1)
         embed_name = self.arch.embed
@@ -372,13 +377,11 @@ class CausalTracer:
             h = first_tensor(output)
             if name == embed_name:
                 h = h.clone()
-                h[:, s:e] += noise.to(h.dtype)
+                h[:, s:e] += noise.to(h.device, h.dtype)
                 return with_first_tensor(output, h)
-            rows, toks = index[self._where[name][1]]
+            rows, toks, clean = index[self._where[name][1]]
             # Out of place: the model may still hold the unpatched tensor (e.g. a residual).
-            return with_first_tensor(
-                output, h.index_put((rows, toks), self.clean[kind][self._where[name][1], toks])
-            )
+            return with_first_tensor(output, h.index_put((rows, toks), clean))
 
         names = [embed_name] + [self._names[kind][layer] for layer in sorted(index)]
         with TraceDict(self.model, names, retain_output=False, edit_output=edit):

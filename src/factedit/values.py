@@ -42,7 +42,7 @@ from .hooks import (
     replace_module,
     with_first_tensor,
 )
-from .models import model_device, parse_dtype
+from .models import model_device, module_device, parse_dtype
 from .requests import EditRequest
 from .tokens import encode_target, subject_token_range
 
@@ -282,13 +282,6 @@ def _replayed_blocks(model: nn.Module, arch: ModelArch, outputs: list[Any]) -> I
             replace_module(model, arch.layer_name(i), block)
 
 
-def module_device(module: nn.Module) -> torch.device:
-    """Where a module's parameters live (a layer's own device, also under a device map)."""
-    for p in module.parameters():
-        return p.device
-    raise ValueError("module has no parameters")
-
-
 # ---- the optimisation ---------------------------------------------------------------------
 
 
@@ -321,7 +314,10 @@ def optimize_values(
     if cfg.margin is None:
         old_first = [None] * len(requests)
     in_device = model_device(model)
+    # δ lives where the edited layer computes, the losses where the unembedding does (they
+    # differ when a device map spreads the model over devices).
     device = module_device(get_module(model, arch.mlp_name(layer)))
+    out_device = module_device(get_module(model, arch.unembed))
     b = build_rows(tok, requests, templates, cfg.kl_prompts, old_first)
     n_rows, n_req = b.input_ids.shape[0], len(requests)
     autocast_dtype = parse_dtype(cfg.dtype)
@@ -414,7 +410,8 @@ def optimize_values(
         return first_tensor(run(None, add_delta)[norm_name].output)
 
     def logits_at(h: torch.Tensor, r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return arch.logits_from_normed(model, h[r, p].to(device)).float()
+        at = h.device
+        return arch.logits_from_normed(model, h[r.to(at), p.to(at)].to(out_device)).float().to(device)
 
     def per_request(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return torch.zeros(n_req, device=device).index_add(0, index, values)

@@ -36,7 +36,15 @@ def register(sub) -> None:
     add_model_args(p)
     p.set_defaults(func=cmd_edit)
 
-    p = sub.add_parser("stats", help="compute and cache the second-moment statistics ROME uses for a layer")
+    p = sub.add_parser(
+        "stats",
+        help="compute and cache the second-moment statistics ROME uses for a layer",
+        description=(
+            "Compute and cache E[k k^T] of a layer's MLP output projection inputs. Under "
+            "torchrun (torchrun --nproc-per-node N -m factedit stats ...) the processes share "
+            "the corpus and sum their parts: the same matrix and cache entry as one process."
+        ),
+    )
     p.add_argument("--layer", type=int, required=True, help="block whose MLP output projection's inputs are measured")
     p.add_argument("--tokens", type=int, default=None, help="corpus tokens (default: ROME's mom2_tokens)")
     p.add_argument("--corpus", type=Path, default=None, help="text/JSON/JSONL corpus (default: packaged Wikipedia)")
@@ -111,11 +119,26 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from ..arch import describe
     from ..methods.rome import ROMEHParams
     from ..stats import layer_stats
+    from .common import (
+        finish_distributed,
+        init_distributed,
+        is_main_process,
+        torch_distributed_world,
+    )
 
-    model, tok = load(args)
-    arch = describe(model)
-    tokens = args.tokens or ROMEHParams.defaults_for("rome", model, arch).mom2_tokens
-    s = layer_stats(model, tok, args.layer, arch=arch, corpus=args.corpus, tokens=tokens, use_cache=not args.recompute)
-    where = "read from the cache" if s.from_cache else f"computed in {s.seconds:.1f} s ({s.count / max(s.seconds, 1e-9):.0f} tokens/s)"
-    print(f"layer {args.layer} ({arch.mlp_out_name(args.layer)} input): {s.count} tokens, {where}; key {s.key}", file=sys.stdout)
+    distributed = init_distributed(args.device)
+    try:
+        model, tok = load(args)
+        arch = describe(model)
+        tokens = args.tokens or ROMEHParams.defaults_for("rome", model, arch).mom2_tokens
+        s = layer_stats(
+            model, tok, args.layer, arch=arch, corpus=args.corpus, tokens=tokens,
+            use_cache=not args.recompute, distributed=distributed,
+        )  # fmt: skip
+    finally:
+        finish_distributed()
+    if is_main_process():
+        procs = f" by {torch_distributed_world()} processes" if distributed else ""
+        where = "read from the cache" if s.from_cache else f"computed{procs} in {s.seconds:.1f} s ({s.count / max(s.seconds, 1e-9):.0f} tokens/s)"
+        print(f"layer {args.layer} ({arch.mlp_out_name(args.layer)} input): {s.count} tokens, {where}; key {s.key}", file=sys.stdout)
     return 0

@@ -89,8 +89,9 @@ def model_fingerprint(model: nn.Module) -> str:
     """A digest of every parameter's exact bytes (names, dtypes, shapes included), so a results
     file is never resumed with an edited or different model."""
     from ..fingerprint import params_fingerprint
+    from ..hooks import named_parameter_values
 
-    return params_fingerprint(model.named_parameters())[:16]
+    return params_fingerprint(named_parameter_values(model))[:16]
 
 
 def file_sha256(path: Path) -> str:
