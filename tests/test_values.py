@@ -93,16 +93,19 @@ def test_a_failed_edit_warns_with_probabilities(model, tok, unchanged_after):
 
 
 def test_efficacy_retries_continue_the_optimisation(model, tok, unchanged_after):
-    """Two steps are too few for a fact the model knows strongly; the check after the update
-    sends the optimisation back with more steps until the new target wins."""
+    """One small Adam step is too little for a fact the model knows strongly; the check after
+    the update sends the optimisation back, step by step, until the new target wins."""
     req = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
            "target_new": "Rome", "target_true": "Paris"}  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("error", EditEfficacyWarning)
-        result = edit(model, tok, req, hparams={"v_num_grad_steps": 3, "efficacy_retries": 4})
+        result = edit(
+            model, tok, req, hparams={"v_num_grad_steps": 2, "v_lr": 0.2, "efficacy_retries": 8},
+            context=EditContext(progress=False),
+        )
     d = result.diagnostics[0]
     assert d["efficacy_retries"] >= 1 and d["efficacy"] is True
-    assert d["v_steps"] > 3
+    assert d["v_steps"] > 2
     text = "The Eiffel Tower is located in the city of"
     new, old = mean_target_logprob(model, tok, [text, text], [" Rome", " Paris"]).tolist()
     assert new > old
