@@ -116,7 +116,15 @@ def _write_outputs(summary: Any, args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..evaluate import load_dataset, make_config, read_results, run_evaluation, summarize
+    from ..evaluate import (
+        ConfigMismatchError,
+        load_dataset,
+        make_config,
+        read_results,
+        run_evaluation,
+        summarize,
+    )
+    from ..methods import get_method
     from ..models import DEFAULT_MODEL
 
     kind, data = _data_args(args.data)
@@ -127,7 +135,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.summary_only:
         _write_outputs(summarize(read_results(out)), args)
         return 0
+    # Everything is validated before the results file is touched: the method and the dataset
+    # now, the hyperparameters against the model in make_config (which raises on a bad field
+    # or value), so a failed run leaves nothing behind.
+    get_method(args.method)
     cases = load_dataset(data, kind, limit=args.limit, skip_invalid=args.skip_invalid)
+    if not cases:
+        raise ValueError(f"{data} holds no usable records")
     hparams = _parse_hparams(args.hparams)
 
     model, tok = load(args)
@@ -146,15 +160,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(f"{len(cases)} cases from {data}; results -> {out}", file=sys.stderr)
-    summary = run_evaluation(
-        model,
-        tok,
-        cases,
-        config,
-        out,
-        hparams=hparams,
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
+    try:
+        summary = run_evaluation(
+            model,
+            tok,
+            cases,
+            config,
+            out,
+            hparams=hparams,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    except ConfigMismatchError as exc:
+        raise ValueError(exc.describe("--overwrite")) from None
     _write_outputs(summary, args)
     return 0
