@@ -182,7 +182,7 @@ def test_mismatched_saved_edit_names_models_not_paths(model, tmp_path):
 def test_subject_at_end_warns(capsys):
     late = EditRequest("Steve Jobs was the founder of {}", "Apple", "Google")
     assert late.subject_at_end and EditRequest("{} was founded by", "Apple", "x").subject_at_end is False
-    assert EditRequest("Who founded {}?", "Apple", "x").subject_at_end
+    assert not EditRequest("Who founded {}?", "Apple", "x").subject_at_end  # zsRE's questions
     # On the CLI the warning reads as a factedit message (the bad layer then stops the run
     # before any work, so this stays fast).
     args = ["edit", "--prompt", "Steve Jobs was the founder of {}", "--subject", "Apple",

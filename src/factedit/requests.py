@@ -61,10 +61,11 @@ class EditRequest:
 
     @property
     def subject_at_end(self) -> bool:
-        """True when nothing but whitespace or punctuation follows the subject in the prompt
-        (e.g. ``"Steve Jobs was the founder of {}"``)."""
-        tail = self.prompt.split("{}", 1)[1]
-        return not any(ch.isalnum() for ch in tail)
+        """True when the subject is the prompt's last token (e.g. ``"Steve Jobs was the
+        founder of {}"``): the model predicts the target straight after the subject. A
+        question such as ``"Who founded {}?"`` is fine: the "?" after the subject is where
+        the answer is predicted, and ROME edits such zsRE questions well."""
+        return not self.prompt.split("{}", 1)[1].strip()
 
     @property
     def target_text(self) -> str:
