@@ -328,3 +328,30 @@ def test_every_command_has_a_description():
     sub = next(a for a in parser._actions if a.dest == "command")
     missing = [name for name, p in sub.choices.items() if not p.description]
     assert not missing, missing
+
+
+def test_every_model_command_has_threads():
+    from factedit.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        opts = {o for a in p._actions for o in a.option_strings}
+        if "--model" in opts:
+            assert "--threads" in opts, name
+
+
+def test_public_names_are_not_shadowed_by_submodules():
+    """``factedit.generate`` is the function, also after its module was imported, and no
+    exported name is also a submodule's name (the README's first crash)."""
+    import importlib.util
+
+    import factedit
+    import factedit.generation  # noqa: F401  (the import that used to shadow the function)
+
+    assert callable(factedit.generate) and factedit.generate is factedit.generation.generate
+    from factedit import generate
+
+    assert generate is factedit.generation.generate
+    clashes = [n for n in factedit.__all__ if importlib.util.find_spec(f"factedit.{n}") is not None]
+    assert not clashes, clashes
