@@ -162,6 +162,32 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def describe_base_model(info: Mapping[str, Any]) -> str:
+    """A model's name for messages, from :func:`_model_info`'s record: its type and size, and
+    its hub id when it has one (never a local path: for packaged models that is a cache
+    folder, which says nothing to the user), e.g. ``"a llama model with 134.5M parameters"``."""
+    kind = info.get("model_type") or info.get("class") or "unknown"
+    n = info.get("num_parameters")
+    size = f" with {n / 1e6:.1f}M parameters" if isinstance(n, (int, float)) and n else ""
+    text = f"a {kind} model{size}"
+    name = info.get("name_or_path")
+    if isinstance(name, str) and name and not _is_local_path(name):
+        text += f" ({name})"
+    return text
+
+
+def _is_local_path(name: str) -> bool:
+    # Hub ids are "org/name" or "name"; anything absolute, relative-with-dots, multi-level or
+    # existing on disk is a path.
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or os.path.exists(name)
+    )
+
+
 def _jsonable(value: Any) -> Any:
     # Diagnostics may hold tensors or numpy scalars; keep what JSON can say, stringify the rest.
     return json.loads(
@@ -363,23 +389,21 @@ def load_edit(path: str | os.PathLike, *, verify: bool = True) -> SavedEdit:
 def check_base(model: nn.Module, saved: SavedEdit) -> None:
     """Raise :class:`BaseModelMismatchError`, naming the first offending parameter, unless every
     parameter the edit touches exists in ``model`` with the recorded shape, dtype and values."""
-    made_on = (
-        saved.base_model.get("name_or_path")
-        or saved.base_model.get("model_type")
-        or "another model"
-    )
+    made_on = describe_base_model(saved.base_model)
+    here = describe_base_model(_model_info(model))
     for p in saved.fingerprint["params"]:
         name = p["name"]
         try:
             param = get_parameter(model, name)
         except LookupError:
             raise BaseModelMismatchError(
-                f"this edit was made on {made_on}; {type(model).__name__} has no parameter {name!r}"
+                f"this edit was made on {made_on}; this model ({here}) has no parameter {name!r}"
             ) from None
         if list(param.shape) != list(p["shape"]) or _dtype_name(param.dtype) != p["dtype"]:
             raise BaseModelMismatchError(
-                f"this edit was made on {made_on}: parameter {name!r} there is "
-                f"{p['dtype']}{tuple(p['shape'])}, here {_dtype_name(param.dtype)}{tuple(param.shape)}"
+                f"this edit was made on {made_on}, not on this model ({here}): parameter "
+                f"{name!r} there is {p['dtype']}{tuple(p['shape'])}, here "
+                f"{_dtype_name(param.dtype)}{tuple(param.shape)}"
             )
         if _sha256_tensor(name, parameter_value(model, name)) != p["sha256"]:
             hint = (
@@ -388,7 +412,8 @@ def check_base(model: nn.Module, saved: SavedEdit) -> None:
                 else ""
             )
             raise BaseModelMismatchError(
-                f"parameter {name!r} differs from the weights this edit was made on ({made_on}): "
+                f"parameter {name!r} differs from the weights this edit was made on ({made_on}; "
+                f"this model: {here}): "
                 f"a different base model, another edit already applied, or a changed model{hint}. "
                 "The model was not changed."
             )

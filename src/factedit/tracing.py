@@ -207,6 +207,32 @@ def _window_layers(layer: int, window: int, n_layers: int) -> range:
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
+#: Below this probability, a traced top prediction is warned about (it may not be the fact the
+#: user has in mind: "The Space Needle is located in the city of" -> " New", p = 0.12, on the
+#: default model).
+UNSURE_PROB = 0.3
+
+
+class AnswerNotPredictedError(ValueError):
+    """The given answer is not the model's top prediction after the prompt (tracing it would
+    measure how a corruption changes an answer the model does not give). Attributes hold what
+    a front end needs to phrase its own message."""
+
+    def __init__(self, prompt: str, answer: str, top: str, top_prob: float, answer_prob: float):
+        self.prompt, self.answer, self.top, self.top_prob, self.answer_prob = (
+            prompt, answer, top, top_prob, answer_prob,
+        )  # fmt: skip
+        super().__init__(self.describe("pass allow_any_answer=True"))
+
+    def describe(self, how_to_override: str) -> str:
+        """The message, ending with ``how_to_override`` (e.g. ``"give --allow-any-answer"``)."""
+        return (
+            f"the model does not predict {self.answer!r} after {self.prompt!r}: its top "
+            f"prediction is {self.top!r} (p={self.top_prob:.3f}, answer p={self.answer_prob:.3g}); "
+            f"{how_to_override} to trace it anyway"
+        )
+
+
 def _answer_token_id(tok: Any, prompt: str, answer: str | int) -> int:
     if isinstance(answer, int):
         return answer
@@ -297,18 +323,28 @@ class CausalTracer:
             for k in KINDS
         }
         top = int(probs.argmax())
+        #: True when the answer was not given and the model's own top prediction is traced.
+        self.answer_is_top_prediction = answer is None
         if answer is None:
             self.answer_id = top
         else:
             self.answer_id = _answer_token_id(tok, prompt, answer)
             if self.answer_id != top and not allow_any_answer:
-                raise ValueError(
-                    f"the model does not predict {answer!r} after {prompt!r}: its top prediction "
-                    f"is {tok.decode([top])!r} (p={probs[top]:.3f}, answer p="
-                    f"{probs[self.answer_id]:.3g}); pass allow_any_answer=True to trace it anyway"
-                )
+                raise AnswerNotPredictedError(
+                    prompt, str(answer), tok.decode([top]), float(probs[top]),
+                    float(probs[self.answer_id]),
+                )  # fmt: skip
         self.answer = tok.decode([self.answer_id])
         self.clean_prob = float(probs[self.answer_id])
+        if answer is None:
+            if self.clean_prob < UNSURE_PROB:
+                log.warning(
+                    "tracing the model's top prediction %r after %r, but the model is unsure "
+                    "(p=%.3f): it may not be the fact you mean; give the expected answer to "
+                    "trace it", self.answer, prompt, self.clean_prob,
+                )  # fmt: skip
+            else:
+                log.info("tracing the model's top prediction %r (p=%.3f)", self.answer, self.clean_prob)
 
         s, e = self.subject_range
         gen = torch.Generator().manual_seed(self.seed)

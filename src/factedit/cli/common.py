@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger("factedit")
@@ -189,3 +191,50 @@ def parse_hparams(value: str | None) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"--hparams: file {path} does not exist (give a file or inline JSON)")
     return path
+
+
+@contextlib.contextmanager
+def show_phases(enabled: bool = True) -> Iterator[None]:
+    """While active, an edit's phases (``factedit.phases`` log: "value optimisation ...",
+    "value optimisation: 5.2 s") are printed on stderr."""
+    logger = logging.getLogger("factedit.phases")
+    if not enabled:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # -v would print every line twice
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
+class Indicator:
+    """A busy indicator on stderr: ``indicator("generating ...")`` shows the text,
+    ``indicator(None)`` clears it. On a terminal the text is overwritten in place; otherwise
+    each message is a line of its own."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.shown = False
+
+    def __call__(self, message: str | None) -> None:
+        if message is None:
+            if self.shown and self.tty:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+            self.shown = False
+            return
+        if self.tty:
+            self.stream.write("\r\033[K" + message)
+        else:
+            self.stream.write(message + "\n")
+        self.stream.flush()
+        self.shown = True

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import add_model_args, load
+from .common import add_model_args, load, parse_hparams, show_phases, status
 
 
 def register(sub) -> None:
@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--generate", nargs="*", default=[], metavar="PROMPT", help="prompts to generate from before and after")
     p.add_argument("--max-new-tokens", type=int, default=25, help="tokens generated per prompt (default 25)")
     p.add_argument("--save", type=Path, default=None, help="save the edit (safetensors) to this file")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars and the progress lines on stderr")
     add_model_args(p)
     p.set_defaults(func=cmd_edit)
 
@@ -40,7 +40,9 @@ def register(sub) -> None:
         "stats",
         help="compute and cache the second-moment statistics ROME uses for a layer",
         description=(
-            "Compute and cache E[k k^T] of a layer's MLP output projection inputs. Under "
+            "Compute C = E[k kᵀ] over the inputs k of one layer's MLP output projection on a "
+            "text corpus (default: the packaged Wikipedia lead paragraphs) and cache it, so "
+            "later edits at that layer start at once. Example: factedit stats --layer 4. Under "
             "torchrun (torchrun --nproc-per-node N -m factedit stats ...) the processes share "
             "the corpus and sum their parts: the same matrix and cache entry as one process."
         ),
@@ -54,9 +56,7 @@ def register(sub) -> None:
 
 
 def _hparams_arg(args: argparse.Namespace):
-    hp = args.hparams
-    if hp is not None and hp.lstrip().startswith("{"):
-        hp = json.loads(hp)
+    hp = parse_hparams(args.hparams)
     if args.layer is not None:
         if hp is None:
             hp = {}
@@ -84,17 +84,29 @@ def _requests(args: argparse.Namespace):
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from ..generation import generate
-    from ..methods import EditContext, edit
+    from ..methods import EditContext, edit, get_method
     from ..scoring import target_prob
 
     requests = _requests(args)
+    get_method(args.method)  # an unknown method fails before the model is loaded
+    hparams = _hparams_arg(args)
+    if args.save is not None and args.save.is_dir():
+        raise IsADirectoryError(f"--save {args.save} is a folder; give a file name")
     model, tok = load(args)
+    progress = not args.no_progress
     gen_prompts = args.generate or [r.text for r in requests]
+    if progress:
+        status(f"generating {len(gen_prompts)} continuation(s) before the edit ...")
     before = generate(model, tok, gen_prompts, max_new_tokens=args.max_new_tokens)
-    result = edit(
-        model, tok, requests, method=args.method, hparams=_hparams_arg(args),
-        context=EditContext(progress=not args.no_progress),
-    )  # fmt: skip
+    if progress:
+        status(f"editing with {args.method} ({len(requests)} request(s)) ...")
+    with show_phases(progress):
+        result = edit(
+            model, tok, requests, method=args.method, hparams=hparams,
+            context=EditContext(progress=progress),
+        )  # fmt: skip
+    if progress:
+        status("generating after the edit ...")
     after = generate(model, tok, gen_prompts, max_new_tokens=args.max_new_tokens)
     print(f"method {result.method}; edit took {result.timings['total']:.1f} s "
           + "(" + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if k != "total") + ")")

@@ -145,6 +145,7 @@ def _write_outputs(summary: Any, args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluate import load_dataset, read_results, summarize
     from ..evaluate.sharding import parse_shard, shard_cases
+    from ..methods import get_method
     from .common import finish_distributed, init_distributed
 
     kind, data = _data_args(args.data)
@@ -160,7 +161,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if shard and args.sequential:
         raise ValueError("--shard cannot split a --sequential run: each edit depends on all earlier cases")
+    # Everything is validated before the results file is touched: the method and the dataset
+    # now, the hyperparameters against the model in make_config (which raises on a bad field
+    # or value), so a failed run leaves nothing behind.
+    get_method(args.method)
     cases = load_dataset(data, kind, limit=args.limit, skip_invalid=args.skip_invalid)
+    if not cases:
+        raise ValueError(f"{data} holds no usable records")
     if shard:
         cases = shard_cases(cases, *shard)
         if not cases:
@@ -175,7 +182,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _evaluate(
     args: argparse.Namespace, data: Path, cases: list, out: Path, generation: bool, distributed: bool
 ) -> int:
-    from ..evaluate import make_config, run_evaluation
+    from ..evaluate import ConfigMismatchError, make_config, run_evaluation
     from ..evaluate.sharding import run_distributed_evaluation
     from ..models import DEFAULT_MODEL
     from .common import is_main_process
@@ -203,16 +210,19 @@ def _evaluate(
     run = run_distributed_evaluation if distributed else run_evaluation
     if distributed:
         _shared_statistics(model, tok, config.hparams)
-    summary = run(
-        model,
-        tok,
-        cases,
-        config,
-        out,
-        hparams=hparams,
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
+    try:
+        summary = run(
+            model,
+            tok,
+            cases,
+            config,
+            out,
+            hparams=hparams,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    except ConfigMismatchError as exc:
+        raise ValueError(exc.describe("--overwrite")) from None
     if is_main_process():
         _write_outputs(summary, args)
     return 0

@@ -9,6 +9,7 @@ editor restores every touched parameter, so a failed edit leaves the model uncha
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -223,8 +224,29 @@ class EditMethod(ABC):
         request. Add seconds per phase into ``timings``. May raise; the caller restores."""
 
 
+#: Progress of an edit's phases is logged here (INFO): "<phase> ..." when a phase starts and
+#: "<phase>: N s" when it ends. Front ends show it by attaching a handler (the CLI does, on
+#: stderr); the library itself never prints.
+phase_log = logging.getLogger("factedit.phases")
+
+#: How phases are named in progress messages.
+PHASE_NAMES = {
+    "templates": "context templates",
+    "stats": "covariance statistics",
+    "key": "key",
+    "value": "value optimisation",
+    "probe": "target probability",
+    "update": "weight update",
+    "score": "target probability",
+    "finetune": "fine-tuning",
+    "apply": "weight update",
+    "attribution": "neuron attribution",
+}
+
+
 class PhaseTimer:
-    """Accumulate wall-clock seconds per phase: ``with timer("key"): ...``."""
+    """Accumulate wall-clock seconds per phase: ``with timer("key"): ...``; each phase's start
+    and end are logged on :data:`phase_log`."""
 
     def __init__(self, timings: dict[str, float]) -> None:
         self.timings = timings
@@ -238,7 +260,10 @@ class _Phase:
         self.timings, self.phase = timings, phase
 
     def __enter__(self) -> None:
+        phase_log.info("%s ...", PHASE_NAMES.get(self.phase, self.phase))
         self.t0 = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        self.timings[self.phase] = self.timings.get(self.phase, 0.0) + time.perf_counter() - self.t0
+        seconds = time.perf_counter() - self.t0
+        self.timings[self.phase] = self.timings.get(self.phase, 0.0) + seconds
+        phase_log.info("%s: %.1f s", PHASE_NAMES.get(self.phase, self.phase), seconds)
