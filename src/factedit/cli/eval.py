@@ -31,7 +31,12 @@ def register(subparsers) -> None:
         help="[KIND] PATH: the dataset file, optionally preceded by its kind: counterfact (ROME or flat EasyEdit "
         "layout), counterfact-flat, zsre; detected from the records when left out",
     )
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records (after --skip)")
+    p.add_argument(
+        "--skip", type=int, default=0, metavar="N",
+        help="leave out the first N records (with --limit: records N..N+limit-1), e.g. to report "
+        "on records that took no part in choosing hyperparameters",
+    )  # fmt: skip
     p.add_argument(
         "--out", default=None, help="results JSONL (default: eval-<method>-<data>.jsonl)"
     )
@@ -123,9 +128,14 @@ def _data_args(values: list[str]) -> tuple[str | None, Path]:
 
 
 def default_out(
-    method: str, data: Path, sequential: bool, generation: bool, shard: tuple[int, int] | None = None
+    method: str,
+    data: Path,
+    sequential: bool,
+    generation: bool,
+    shard: tuple[int, int] | None = None,
+    skip: int = 0,
 ) -> Path:
-    stem = re.sub(r"[^\w.-]", "_", f"eval-{method}-{data.stem}")
+    stem = re.sub(r"[^\w.-]", "_", f"eval-{method}-{data.stem}") + (f"-from{skip}" if skip else "")
     part = f"-shard{shard[0]}of{shard[1]}" if shard else ""
     return Path(stem + ("-seq" if sequential else "") + ("" if generation else "-nogen") + part + ".jsonl")
 
@@ -154,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = (
         Path(args.out)
         if args.out
-        else default_out(args.method, data, args.sequential, generation, shard)
+        else default_out(args.method, data, args.sequential, generation, shard, args.skip)
     )
     if args.summary_only:
         _write_outputs(summarize(read_results(out)), args)
@@ -165,7 +175,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # now, the hyperparameters against the model in make_config (which raises on a bad field
     # or value), so a failed run leaves nothing behind.
     get_method(args.method)
-    cases = load_dataset(data, kind, limit=args.limit, skip_invalid=args.skip_invalid)
+    if args.skip < 0:
+        raise ValueError(f"--skip must be >= 0, got {args.skip}")
+    limit = None if args.limit is None else args.skip + args.limit
+    cases = load_dataset(data, kind, limit=limit, skip_invalid=args.skip_invalid)[args.skip :]
     if not cases:
         raise ValueError(f"{data} holds no usable records")
     if shard:
