@@ -120,6 +120,7 @@ def read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def write_pointer(root: Path, family: str, variant: str, base_fp: str, target: Path) -> None:
     p = pointer_path(root, family, variant, base_fp)
+    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.partial-{os.getpid()}")
     tmp.write_text(json.dumps({"path": str(Path(target).resolve())}))
     os.replace(tmp, p)

@@ -49,10 +49,10 @@ class LearnedHParams(HParams):
     editor: str | None = None
     rank: int = 192
     n_blocks: int = 2
-    init_lr: float = 1e-4
-    steps: int = 1000
-    meta_lr: float = 1e-4
-    lr_lr: float = 1e-2
+    init_lr: float = 1e-3
+    steps: int = 600
+    meta_lr: float = 1e-3
+    lr_lr: float = 5e-2
     edit_weight: float = 1.0
     loc_weight: float = 1.0
     val_size: int = 50
@@ -101,4 +101,3 @@ class MENDHParams(LearnedHParams):
 class KEHParams(LearnedHParams):
     family: str = dataclasses.field(default="ke", repr=False)
     rank: int = 128
-    init_lr: float = 1e-3

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ModelArch
-from ..hooks import Trace, first_tensor, frozen_parameters, get_module
+from ..hooks import Trace, as_batch_seq, first_tensor, frozen_parameters, get_module
 from ..tokens import PromptTargetBatch, prompt_target_batch
 
 
@@ -106,6 +106,9 @@ class FactorCapture(contextlib.AbstractContextManager):
             if inp is None or probe is None:
                 raise RuntimeError("no forward pass went through the edited layers")
             grad = probe.grad if probe.grad is not None else torch.zeros_like(probe)
+            # Some models (OPT) run their MLP on flattened (batch * seq, width) activations.
+            seq = mask.shape[0]
+            inp, grad = (as_batch_seq(t, t.numel() // (seq * t.shape[-1]), seq) for t in (inp, grad))
             us.append(inp[row][mask].float())
             ds.append(grad[row][mask].float())
         return Factors(us, ds)

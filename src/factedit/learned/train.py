@@ -359,7 +359,7 @@ def train_editor(
                     loss = figs["loss"]
                     if not torch.isfinite(loss):
                         raise TrainingDivergedError(
-                            f"the training loss became {float(loss)} at step {step}; no editor was written "
+                            f"the training loss became {float(loss.detach())} at step {step}; no editor was written "
                             f"(lower meta_lr/lr_lr; the last checkpoint {ckpt} is intact)"
                         )
                     opt.zero_grad(set_to_none=True)
