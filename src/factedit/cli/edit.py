@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--target", help="the new target, e.g. 'Microsoft'")
     p.add_argument("--target-true", default=None, help="the current target (shown for comparison)")
     p.add_argument("--requests", type=Path, help="JSON file: a request dict or a list of them")
-    p.add_argument("--method", default="rome", help="editing method (rome, ft, ft-l, ft-attnedit, kn)")
+    p.add_argument("--method", default="rome", help="editing method (rome, ft, ft-l, ft-attnedit, kn, mend, mend-cf, mend-zsre, ke, ke-cf, ke-zsre)")
     p.add_argument("--hparams", default=None, help="hyperparameters: a JSON/YAML file or an inline JSON object of overrides")
     p.add_argument("--layer", type=int, default=None, help="override the edited layer (ROME)")
     p.add_argument("--generate", nargs="*", default=[], metavar="PROMPT", help="prompts to generate from before and after")

@@ -30,7 +30,7 @@ from .base import (
 )
 
 #: Methods of the research code that factedit does not provide yet.
-NOT_YET_AVAILABLE = {"mend", "mend-cf", "mend-zsre", "ke", "ke-cf", "ke-zsre"}
+NOT_YET_AVAILABLE: set[str] = set()
 
 
 class MethodNotAvailableError(ValueError):
@@ -43,9 +43,10 @@ def _methods() -> dict[str, type[EditMethod]]:
     # for every caller, never a silently missing method.
     from .ft import FT, FTL, FTAttnEdit
     from .kn import KN
+    from .learned import LEARNED_METHODS
     from .rome import ROME
 
-    classes: list[type[EditMethod]] = [ROME, FT, FTL, FTAttnEdit, KN]
+    classes: list[type[EditMethod]] = [ROME, FT, FTL, FTAttnEdit, KN, *LEARNED_METHODS]
     return {c.name: c for c in classes}
 
 
