@@ -97,11 +97,20 @@ SHELL_RULES: list[Rule] = [
          expect="[original] Steve Jobs worked for"),  # fmt: skip
     Rule(r"^factedit trace ", add=["--samples", "1", "--kinds", "mlp", "--formats", "png"],
          expect="answer ' Paris': clean p="),  # fmt: skip
+    Rule(r"^torchrun ", skip="several processes; tests/test_distributed.py runs 2 gloo ranks "
+         "of stats and eval on the real model"),  # fmt: skip
+    # Two shards of two records, then their merge.
+    Rule(r"^factedit eval --method rome .*--shard ", replace={r"--limit \d+": "--limit 2"},
+         add=["--no-progress", "--hparams", QUICK_ROME], expect="| E"),  # fmt: skip
+    Rule(r"^factedit merge ", expect="| E"),
     Rule(r"^factedit eval --method rome ", replace={r"--limit \d+": "--limit 1"},
          add=["--no-generation", "--no-progress", "--hparams", QUICK_ROME], expect="| E"),  # fmt: skip
     Rule(r"^factedit eval --method ft", replace={r"--limit \d+": "--limit 1"},
          add=["--no-generation", "--no-progress", "--hparams", '{"num_steps": 2}'], expect="| E"),  # fmt: skip
     Rule(r"^factedit stats ", add=["--tokens", "2000", "--recompute"], expect="tokens, computed"),
+    Rule(r"^factedit eval --method (mend|ke)", skip="needs a trained editor (about 30 min of "
+         "training); tests/test_learned.py trains a small one and edits with it"),  # fmt: skip
+    Rule(r"^factedit train ", skip="minutes of training; tests/test_learned.py runs short ones"),
 ]
 
 
