@@ -25,8 +25,17 @@ def register(sub) -> None:
     p.add_argument("--subject", help="the subject, e.g. 'Steve Jobs'")
     p.add_argument("--target", help="the new target, e.g. 'Microsoft'")
     p.add_argument("--target-true", default=None, help="the current target (shown for comparison)")
-    p.add_argument("--requests", type=Path, help="JSON file: a request dict or a list of them")
-    p.add_argument("--method", default="rome", help="editing method (rome, ft, ft-l, ft-attnedit, kn)")
+    p.add_argument(
+        "--requests", type=Path,
+        help="requests file: a JSON list (or one dict) or JSONL, in the research code's format; every record is "
+        "checked before any weight changes",
+    )  # fmt: skip
+    p.add_argument(
+        "--batch-size", type=int, default=None,
+        help="requests per batch (MEMIT/AlphaEdit edit a batch at once, batches one after another; "
+        "other methods always go one request at a time); default: all at once",
+    )  # fmt: skip
+    p.add_argument("--method", default="rome", help="editing method (rome, memit, alphaedit, ft, ft-l, ft-attnedit, kn)")
     p.add_argument("--hparams", default=None, help="hyperparameters: a JSON/YAML file or an inline JSON object of overrides")
     p.add_argument("--layer", type=int, default=None, help="override the edited layer (ROME)")
     p.add_argument("--generate", nargs="*", default=[], metavar="PROMPT", help="prompts to generate from before and after")
@@ -60,12 +69,14 @@ def _hparams_arg(args: argparse.Namespace):
 
 
 def _requests(args: argparse.Namespace):
-    from ..requests import EditRequest, as_requests
+    from ..requests import EditRequest
 
     if args.requests is not None:
         if any(v is not None for v in (args.prompt, args.subject, args.target)):
             raise ValueError("give either --requests or --prompt/--subject/--target, not both")
-        return as_requests(json.loads(args.requests.read_text()))
+        from ..requests import load_requests
+
+        return load_requests(args.requests)
     missing = [n for n, v in (("--prompt", args.prompt), ("--subject", args.subject), ("--target", args.target)) if v is None]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or give --requests FILE)")
@@ -76,26 +87,46 @@ def _requests(args: argparse.Namespace):
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from ..generation import generate
-    from ..methods import EditContext, edit
+    from ..methods import EditContext
     from ..scoring import target_prob
+    from ..session import EditSession
 
     requests = _requests(args)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     model, tok = load(args)
-    gen_prompts = args.generate or [r.text for r in requests]
+    # Everything that can be checked is checked before the first batch changes any weight.
+    for r in requests:
+        r.check_tokenizer(tok)
+    session = EditSession(
+        model, tok, method=args.method, hparams=_hparams_arg(args), context=EditContext(progress=not args.no_progress)
+    )
+    gen_prompts = args.generate or [r.text for r in requests][:10]
     before = generate(model, tok, gen_prompts, max_new_tokens=args.max_new_tokens)
-    result = edit(
-        model, tok, requests, method=args.method, hparams=_hparams_arg(args),
-        context=EditContext(progress=not args.no_progress),
-    )  # fmt: skip
+    size = args.batch_size or len(requests)
+    try:
+        for s in range(0, len(requests), size):
+            session.apply(requests[s : s + size])
+    except BaseException:
+        session.revert_all()
+        raise
+    result = session.combined()
     after = generate(model, tok, gen_prompts, max_new_tokens=args.max_new_tokens)
-    print(f"method {result.method}; edit took {result.timings['total']:.1f} s "
-          + "(" + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if k != "total") + ")")
-    for r, d in zip(result.requests, result.diagnostics, strict=True):
+    n_batches = len(session)
+    print(f"method {result.method}; {len(requests)} request(s) in {n_batches} batch(es); edit took "
+          f"{result.timings['total']:.1f} s ("
+          + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if k != "total") + ")")
+    shown = 20
+    for r, d in list(zip(result.requests, result.diagnostics, strict=True))[:shown]:
         line = f"  {r.text!r} -> {r.target_text!r}: P before {d.get('target_prob_before', float('nan')):.4f}, after {d.get('target_prob_after', float('nan')):.4f}"
         if r.target_true is not None:
             pt = target_prob(model, tok, [r.text], [r.true_text]).item()
             line += f"; P({r.true_text!r}) after {pt:.4f}"
         print(line)
+    if len(result.requests) > shown:
+        after_p = [d.get("target_prob_after", float("nan")) for d in result.diagnostics]
+        better = sum(d.get("target_prob_after", 0) > d.get("target_prob_before", 1) for d in result.diagnostics)
+        print(f"  ... {len(result.requests) - shown} more; P(new target) rose for {better}/{len(after_p)} requests")
     print()
     for b, a in zip(before, after, strict=True):
         print(f"[before] {b}")

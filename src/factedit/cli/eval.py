@@ -48,6 +48,19 @@ def register(subparsers) -> None:
         help="sequential: re-measure all edits every K edits",
     )
     p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="mass editing (MEMIT/AlphaEdit protocol): edit N cases at once and measure them on the "
+        "edited model; with --sequential the batches stay in place and everything is measured at the end",
+    )
+    p.add_argument(
+        "--gen-sample",
+        type=int,
+        default=100,
+        help="with --batch-size: measure generations (GE/RS) on a fixed sample of this many cases",
+    )
+    p.add_argument(
         "--no-generation", action="store_true", help="skip the generations (no GE/RS): much faster"
     )
     p.add_argument(
@@ -98,8 +111,8 @@ def _data_args(values: list[str]) -> tuple[str | None, Path]:
     raise ValueError("--data takes [KIND] PATH")
 
 
-def default_out(method: str, data: Path, sequential: bool, generation: bool) -> Path:
-    stem = re.sub(r"[^\w.-]", "_", f"eval-{method}-{data.stem}")
+def default_out(method: str, data: Path, sequential: bool, generation: bool, batch_size: int | None = None) -> Path:
+    stem = re.sub(r"[^\w.-]", "_", f"eval-{method}-{data.stem}" + (f"-b{batch_size}" if batch_size else ""))
     return Path(stem + ("-seq" if sequential else "") + ("" if generation else "-nogen") + ".jsonl")
 
 
@@ -122,7 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     kind, data = _data_args(args.data)
     generation = not args.no_generation
     out = (
-        Path(args.out) if args.out else default_out(args.method, data, args.sequential, generation)
+        Path(args.out) if args.out else default_out(args.method, data, args.sequential, generation, args.batch_size)
     )
     if args.summary_only:
         _write_outputs(summarize(read_results(out)), args)
@@ -146,6 +159,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(f"{len(cases)} cases from {data}; results -> {out}", file=sys.stderr)
+    if args.batch_size is not None:
+        from ..evaluate.batch import run_batch_evaluation
+
+        summary = run_batch_evaluation(
+            model, tok, cases, config, out, batch_size=args.batch_size, hparams=hparams,
+            gen_sample=args.gen_sample, progress=not args.no_progress, overwrite=args.overwrite,
+        )  # fmt: skip
+        _write_outputs(summary, args)
+        return 0
     summary = run_evaluation(
         model,
         tok,

@@ -39,7 +39,7 @@ from ..fingerprint import base_model_fingerprint
 from ..hooks import TraceDict, as_batch_seq, first_tensor, with_first_tensor
 from ..hparams import HParams
 from ..models import model_device, parse_dtype
-from ..requests import EditRequest
+from ..requests import EditRequest, check_conflicts
 from ..scoring import target_token_scores
 from ..stats import layers_stats
 from ..tokens import encode_target
@@ -131,7 +131,7 @@ class MEMIT(EditMethod):
         context: EditContext,
         timings: dict[str, float],
     ) -> list[dict[str, Any]]:
-        check_unique(requests)
+        check_conflicts(requests)
         timer = PhaseTimer(timings)
         with timer("templates"):
             templates = context_templates(model, tok, hparams, context)
@@ -194,23 +194,6 @@ class MEMIT(EditMethod):
 
 
 # ---- pieces shared with AlphaEdit --------------------------------------------------------
-
-
-def check_unique(requests: list[EditRequest]) -> None:
-    """Refuse two requests with the same subject and prompt but different targets (a batch
-    cannot make one prompt complete to two things)."""
-    seen: dict[tuple[str, str], tuple[int, str]] = {}
-    for i, r in enumerate(requests):
-        key = (r.prompt, r.subject)
-        if key in seen and seen[key][1] != r.target_new:
-            j, t = seen[key]
-            from ..requests import InvalidRequestError
-
-            raise InvalidRequestError(
-                f"requests {j} and {i} have the same subject {r.subject!r} and prompt {r.prompt!r} "
-                f"but different targets ({t!r} vs {r.target_new!r})"
-            )
-        seen.setdefault(key, (i, r.target_new))
 
 
 def base_stats(
