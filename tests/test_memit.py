@@ -195,3 +195,53 @@ def test_cli_edit_stops_on_an_invalid_request_file(model, pristine_state, tmp_pa
     err = capsys.readouterr().err
     assert "request 1 (line 2) is invalid" in err and "nothing was edited" in err
     assert_weights_equal(model, pristine_state)
+
+
+# ---- the mass-editing evaluation ---------------------------------------------------------------
+
+
+def test_batch_evaluation_sequential_measures_all_at_the_end(model, tok, pristine_state, data_dir, tmp_path):
+    from factedit.evaluate import load_dataset, make_config, read_results
+    from factedit.evaluate.batch import run_batch_evaluation
+
+    path = data_dir / "counterfact" / "counterfact_dev.json"
+    cases = load_dataset(path, limit=4)[2:4]
+    cfg = make_config(model, method="memit", hparams=SMALL, model_name="smollm2", dataset=path,
+                      kind="counterfact", sequential=True, generation=False)  # fmt: skip
+    out = tmp_path / "r.jsonl"
+    summary = run_batch_evaluation(model, tok, cases, cfg, out, batch_size=1, hparams=SMALL, progress=False)
+    assert_weights_equal(model, pristine_state)
+    res = read_results(out)
+    assert res.config["batch_size"] == 1 and res.config["sequential"] is True
+    assert [c["case_id"] for c in res.cases] == [c.case_id for c in cases]
+    assert summary.n_cases == 2
+    # Both edits were measured on the model holding both: each rewrite now prefers the new target.
+    assert summary.post["ES"].mean > summary.pre["ES"].mean
+    assert summary.post["ES"].mean >= 0.5
+    # The same configuration resumes (nothing to do), another is refused.
+    run_batch_evaluation(model, tok, cases, cfg, out, batch_size=1, hparams=SMALL, progress=False)
+    from factedit.evaluate import ConfigMismatchError
+
+    with pytest.raises(ConfigMismatchError, match="batch_size"):
+        run_batch_evaluation(model, tok, cases, cfg, out, batch_size=2, hparams=SMALL, progress=False)
+
+
+@pytest.mark.parametrize("arch_name", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_mass_editing_runs_on_tiny_architectures(tok, arch_name, method, tmp_path):
+    """Coverage of the storage orientations (GPT-2's Conv1D is transposed), not of quality."""
+    from conftest import make_tiny_model
+    from factedit.methods import EditContext
+
+    tiny = make_tiny_model(arch_name)
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    hp = {"layers": [0, 1], "context_templates": [[3, 1]], "v_num_grad_steps": 3, "mom2_tokens": 2000}
+    ctx = EditContext(cache_dir=tmp_path, progress=False)
+    result = edit(tiny, tok, REQUESTS[:2], method=method, hparams=hp, context=ctx)
+    arch = describe(tiny)
+    names = [arch.mlp_out_weight_name(i) for i in (0, 1)]
+    assert sorted(result.original) == sorted(names)
+    for n in names:
+        assert not torch.equal(tiny.get_parameter(n), before[n]) and torch.isfinite(tiny.get_parameter(n)).all()
+    result.restore()
+    assert_weights_equal(tiny, before)
