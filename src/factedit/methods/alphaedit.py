@@ -54,7 +54,7 @@ class AlphaEditState:
     (float32, ``(n, in)``, on the CPU), and the projectors, per layer."""
 
     keys: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    projectors: dict[tuple[int, float], torch.Tensor] = field(default_factory=dict)
+    projectors: dict[tuple[int, float, int], torch.Tensor] = field(default_factory=dict)
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -131,15 +131,18 @@ class AlphaEdit(MEMIT):
                 context: EditContext, mom2: dict[int, torch.Tensor]) -> None:  # fmt: skip
         self._state = state_of(context)
         self._state.pending = {}
+        self._projectors = {}
         for layer in hp.layers:
-            key = (layer, hp.nullspace_threshold)
+            # Keyed on the statistics tensor too (pinned in the context, so its address is stable).
+            key = (layer, hp.nullspace_threshold, mom2[layer].data_ptr())
             if key not in self._state.projectors:
                 self._state.projectors[key] = nullspace_projector(mom2[layer], hp.nullspace_threshold)
+            self._projectors[layer] = self._state.projectors[key]
 
     def layer_update(  # type: ignore[override]
         self, layer: int, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, hp: AlphaEditHParams, arch: ModelArch
     ) -> LowRankDelta | torch.Tensor:
-        p = self._state.projectors[(layer, hp.nullspace_threshold)]
+        p = self._projectors[layer]
         return alphaedit_delta(keys, resid, p, self._state.gram(layer, p.device), hp.l2, arch)
 
     def record_keys(self, layer: int, keys: torch.Tensor, context: EditContext) -> None:
