@@ -53,6 +53,19 @@ def register(subparsers) -> None:
         help="sequential: re-measure all edits every K edits",
     )
     p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="mass editing (MEMIT/AlphaEdit protocol): edit N cases at once and measure them on the "
+        "edited model; with --sequential the batches stay in place and everything is measured at the end",
+    )
+    p.add_argument(
+        "--gen-sample",
+        type=int,
+        default=100,
+        help="with --batch-size: measure generations (GE/RS) on a fixed sample of this many cases",
+    )
+    p.add_argument(
         "--no-generation", action="store_true", help="skip the generations (no GE/RS): much faster"
     )
     p.add_argument(
@@ -134,8 +147,10 @@ def default_out(
     generation: bool,
     shard: tuple[int, int] | None = None,
     skip: int = 0,
+    batch_size: int | None = None,
 ) -> Path:
-    stem = re.sub(r"[^\w.-]", "_", f"eval-{method}-{data.stem}") + (f"-from{skip}" if skip else "")
+    stem = re.sub(r"[^\w.-]", "_", f"eval-{method}-{data.stem}" + (f"-b{batch_size}" if batch_size else ""))
+    stem += f"-from{skip}" if skip else ""
     part = f"-shard{shard[0]}of{shard[1]}" if shard else ""
     return Path(stem + ("-seq" if sequential else "") + ("" if generation else "-nogen") + part + ".jsonl")
 
@@ -164,7 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = (
         Path(args.out)
         if args.out
-        else default_out(args.method, data, args.sequential, generation, shard, args.skip)
+        else default_out(args.method, data, args.sequential, generation, shard, args.skip, args.batch_size)
     )
     if args.summary_only:
         _write_outputs(summarize(read_results(out)), args)
@@ -220,6 +235,17 @@ def _evaluate(
     )
     if is_main_process():
         print(f"{len(cases)} cases from {data}; results -> {out}", file=sys.stderr)
+    if args.batch_size is not None:
+        if distributed:
+            raise ValueError("--batch-size runs cannot be split over processes (run without torchrun)")
+        from ..evaluate.batch import run_batch_evaluation
+
+        summary = run_batch_evaluation(
+            model, tok, cases, config, out, batch_size=args.batch_size, hparams=hparams,
+            gen_sample=args.gen_sample, progress=not args.no_progress, overwrite=args.overwrite,
+        )  # fmt: skip
+        _write_outputs(summary, args)
+        return 0
     run = run_distributed_evaluation if distributed else run_evaluation
     if distributed:
         _shared_statistics(model, tok, config.hparams)

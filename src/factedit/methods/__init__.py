@@ -41,12 +41,14 @@ def _methods() -> dict[str, type[EditMethod]]:
     # Imported here so that importing factedit does not import every method's dependencies.
     # Every method module is imported unconditionally: one that fails to import is an error
     # for every caller, never a silently missing method.
+    from .alphaedit import AlphaEdit
     from .ft import FT, FTL, FTAttnEdit
     from .kn import KN
     from .learned import LEARNED_METHODS
+    from .memit import MEMIT
     from .rome import ROME
 
-    classes: list[type[EditMethod]] = [ROME, FT, FTL, FTAttnEdit, KN, *LEARNED_METHODS]
+    classes: list[type[EditMethod]] = [ROME, FT, FTL, FTAttnEdit, KN, MEMIT, AlphaEdit, *LEARNED_METHODS]
     return {c.name: c for c in classes}
 
 
