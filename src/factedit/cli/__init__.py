@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo",  # demo, chat, apply
     "trace",  # trace
     "eval",  # eval
+    "serve",  # serve (the web page)
 )
 
 
