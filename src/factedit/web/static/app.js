@@ -131,7 +131,7 @@ function renderEdit(r) {
     const orig = el("td", null, "original"), edited = el("td", null, "edited");
     orig.append(el("b", g.prompt), marked(g.original, r.target));
     edited.append(el("b", g.prompt), marked(g.edited, r.target));
-    tr.append(el("td", g.prompt), orig, edited);
+    tr.append(orig, edited);
     body.append(tr);
   }
   show($("edit-result"), true);
