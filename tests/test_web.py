@@ -24,6 +24,7 @@ def server(model, tok, pristine_state):
     state = ServerState(model, tok, model_name="SmolLM2-135M-Instruct")
     with running_server(state) as url:
         yield url, state
+    state.close()
     state.revert_all()
     assert_weights_equal(model, pristine_state)
 

@@ -43,6 +43,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state = ServerState(model, tok, model_name=args.model or "SmolLM2-135M-Instruct")
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
+        # The page's default test prompts, generated once in the background: the first
+        # edit then only generates the "after" column.
+        state.warm_up()
         status(f"factedit is serving {state.model_name} on http://{shown}:{port}/ (Ctrl-C stops)")
         serve(state, sock, log_level=args.log_level)
     finally:

@@ -191,7 +191,8 @@ def running_server(
     """Run a server in a background thread; yield its base URL; stop it on exit.
 
     For tests, benchmarks and notebooks. The server is accepting connections when the URL is
-    yielded.
+    yielded. ``state`` stays usable afterwards (a new server may serve it); the caller owns it
+    and calls ``state.close()`` when done.
     """
     sock = bind(host, port)
     server = make_server(state)
@@ -213,4 +214,3 @@ def running_server(
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
-        state.close()

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 #: Limits on what one request may ask for (the server is for one person's exploration).
 MAX_TEST_PROMPTS = 10
 MAX_NEW_TOKENS = 100
+DEFAULT_NEW_TOKENS = 30
 MAX_PROMPT_CHARS = 500
 MAX_UPLOAD_BYTES = 256 * 1024 * 1024
 MAX_TRACE_SAMPLES = 50
@@ -171,6 +172,9 @@ class ServerState:
         self._edits: list[EditEntry] = []
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._ids = itertools.count(1)
+        # Generations keyed on (edits in place, prompts, tokens): the weights are determined by
+        # the loaded model and the edits in place, since only this object changes them.
+        self._generations: OrderedDict[tuple, list[str]] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="factedit-web")
 
     def close(self) -> None:
@@ -236,6 +240,37 @@ class ServerState:
         job.started = time.time()
         job.status = "running"
 
+    def _generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy generations of the model as it is now, cached. Caller holds model_lock."""
+        with self._state_lock:
+            key = (tuple(e.id for e in self._edits), tuple(prompts), max_new_tokens)
+            hit = self._generations.get(key)
+        if hit is not None:
+            return list(hit)
+        texts = generate(self.model, self.tok, prompts, max_new_tokens=max_new_tokens)
+        with self._state_lock:
+            self._generations[key] = list(texts)
+            while len(self._generations) > 64:
+                self._generations.popitem(last=False)
+        return texts
+
+    def warm_up(self) -> str:
+        """Queue the unedited model's generations for the example's test prompts (the page's
+        defaults), so the first edit shows its "before" column without generating it; return
+        the job id."""
+        prompts = list(EXAMPLES["steve-jobs"].generation_prompts)
+
+        def work(job: Job) -> dict[str, Any]:
+            with self.model_lock:
+                self._start(job)
+                job.phase = "generating the example's test prompts"
+                self._generate(prompts, DEFAULT_NEW_TOKENS)
+            return {"prompts": prompts}
+
+        job = self._new_job("warm-up")
+        self._pool.submit(self._run_job, job, work)
+        return job.id
+
     # ---- editing -------------------------------------------------------------------------
     def parse_edit(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """Validate an edit request from the page; raise :class:`WebInputError` naming the problem."""
@@ -253,7 +288,7 @@ class ServerState:
             raise WebInputError(f"at most {MAX_TEST_PROMPTS} test prompts, got {len(prompts)}")
         if any(len(p) > MAX_PROMPT_CHARS for p in prompts):
             raise WebInputError(f"a test prompt is longer than {MAX_PROMPT_CHARS} characters")
-        max_new = _int(payload, "max_new_tokens", 30, 1, MAX_NEW_TOKENS)
+        max_new = _int(payload, "max_new_tokens", DEFAULT_NEW_TOKENS, 1, MAX_NEW_TOKENS)
         hparams = payload.get("hparams")
         if hparams is not None and not isinstance(hparams, dict):
             raise WebInputError("hparams must be a JSON object of overrides")
@@ -309,7 +344,7 @@ class ServerState:
             job.total = 4
             job.phase = "target probability and generations before the edit"
             p_before = float(target_prob(self.model, self.tok, [request.text], [request.target_text])[0])
-            before = generate(self.model, self.tok, prompts, max_new_tokens=max_new_tokens)
+            before = self._generate(prompts, max_new_tokens)
             job.done, job.phase = 1, f"editing with {method}"
             t0 = time.perf_counter()
             result = edit(
@@ -333,6 +368,8 @@ class ServerState:
                 )
                 with self._state_lock:
                     self._edits.append(entry)
+                    key = (tuple(e.id for e in self._edits), tuple(prompts), max_new_tokens)
+                    self._generations[key] = list(after)
             except BaseException:
                 result.restore()  # the page never learnt of this edit: do not leave it in place
                 raise
@@ -454,9 +491,9 @@ class ServerState:
             raise WebInputError("prompts must be a non-empty list of non-empty texts")
         if len(raw) > MAX_TEST_PROMPTS:
             raise WebInputError(f"at most {MAX_TEST_PROMPTS} prompts, got {len(raw)}")
-        max_new = _int(payload, "max_new_tokens", 30, 1, MAX_NEW_TOKENS)
+        max_new = _int(payload, "max_new_tokens", DEFAULT_NEW_TOKENS, 1, MAX_NEW_TOKENS)
         with self.model_lock:
-            texts = generate(self.model, self.tok, raw, max_new_tokens=max_new)
+            texts = self._generate([p for p in raw], max_new)
         return {"generations": texts}
 
     def parse_trace(self, payload: Mapping[str, Any]) -> dict[str, Any]:
