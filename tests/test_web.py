@@ -251,3 +251,37 @@ def test_two_clients_editing_at_once_leave_the_model_consistent(server, model, t
     assert status == 400 and "does not fit this model" in payload["error"]
     call(url + "/api/revert-all", {})
     assert_weights_equal(model, pristine_state)
+
+
+def test_serve_command_serves_the_page_until_interrupted():
+    """``factedit serve --port 0`` in a subprocess: it says where it listens, serves the page
+    and the API, and stops cleanly on Ctrl-C (SIGINT)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "factedit", "serve", "--port", "0", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        url = None
+        deadline = time.monotonic() + 240
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            m = re.search(r"serving .* on (http://127\.0\.0\.1:\d+)/", line)
+            url = m.group(1) if m else None
+        assert url, "factedit serve did not say where it listens"
+        status, html, _ = call(url + "/")
+        assert status == 200 and b"factedit" in html
+        status, info, _ = call(url + "/api/info")
+        assert status == 200 and info["model"] == "SmolLM2-135M-Instruct"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

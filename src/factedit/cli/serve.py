@@ -47,7 +47,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # edit then only generates the "after" column.
         state.warm_up()
         status(f"factedit is serving {state.model_name} on http://{shown}:{port}/ (Ctrl-C stops)")
-        serve(state, sock, log_level=args.log_level)
+        try:
+            serve(state, sock, log_level=args.log_level)
+        except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: not an error
+            pass
+        status("stopped")
     finally:
         sock.close()
     return 0

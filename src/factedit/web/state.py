@@ -165,7 +165,7 @@ class ServerState:
         self.model = model
         self.tok = tok
         self.arch = describe(model)
-        self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.model_name = model_name or _model_label(model)
         self.progress = progress
         self.model_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -564,6 +564,12 @@ class ServerState:
                 for r in results
             ],  # fmt: skip
         }
+
+
+def _model_label(model: nn.Module) -> str:
+    """A short name for the page: the config's name, or the last part of a local path."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return Path(name).name if Path(name).is_absolute() else name or type(model).__name__
 
 
 def _heatmap_png(result: Any) -> str:
