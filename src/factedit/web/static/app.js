@@ -272,4 +272,6 @@ document.addEventListener("DOMContentLoaded", () => {
   loadInfo().then(() => { document.body.dataset.ready = "1"; })
     .catch((err) => say("edit-message", err.message));
   refreshEdits();
+  // Another session may edit the same model: keep the list current while the page is shown.
+  setInterval(() => { if (!document.hidden) refreshEdits(); }, 3000);
 });
