@@ -122,6 +122,22 @@ def test_bad_uploads_are_refused_and_change_nothing(server, model, tok, pristine
     assert_weights_equal(model, pristine_state)
 
 
+def test_other_sites_cannot_drive_the_model(server, model, pristine_state):
+    """A page of another origin open in the same browser, or a DNS-rebound name, is refused."""
+    url, state = server
+    status, payload, _ = call(url + "/api/edit", SEED, headers={"Origin": "http://evil.example"})
+    assert status == 403 and "not accepted" in payload["error"]
+    status, payload, _ = call(url + "/api/revert-all", {}, headers={"Origin": "http://evil.example"})
+    assert status == 403
+    status, payload, _ = call(url + "/api/info", headers={"Host": "evil.example"})
+    assert status == 403 and "only to 127.0.0.1" in payload["error"]
+    port = url.rsplit(":", 1)[1]
+    status, payload, _ = call(url + "/api/info", headers={"Host": f"localhost:{port}"})
+    assert status == 200
+    assert state.edits() == []
+    assert_weights_equal(model, pristine_state)
+
+
 def test_logit_lens_table(server, model, tok):
     url, _ = server
     status, r, _ = call(url + "/api/lens", {"prompt": "The Eiffel Tower is located in the city of"})

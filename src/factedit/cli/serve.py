@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from .common import add_model_args, load, status
 
@@ -47,10 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # edit then only generates the "after" column.
         state.warm_up()
         status(f"factedit is serving {state.model_name} on http://{shown}:{port}/ (Ctrl-C stops)")
-        try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server stops
             serve(state, sock, log_level=args.log_level)
-        except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: not an error
-            pass
         status("stopped")
     finally:
         sock.close()

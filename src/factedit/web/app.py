@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -42,13 +43,33 @@ def _static(name: str) -> bytes:
     return resources.files("factedit.web").joinpath("static", name).read_bytes()
 
 
-def create_app(state: ServerState) -> FastAPI:
-    """A FastAPI app serving the page and the API for ``state``'s model."""
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
+
+
+def _host_name(host_header: str) -> str:
+    return urlsplit("//" + host_header).hostname or ""
+
+
+def create_app(state: ServerState, *, loopback_only: bool = True) -> FastAPI:
+    """A FastAPI app serving the page and the API for ``state``'s model.
+
+    Other web sites open in the same browser must not drive the model: a request that changes
+    something is refused when it comes from a page of another origin (its ``Origin`` header
+    differs from the ``Host`` it was sent to), and with ``loopback_only`` (a server listening on
+    127.0.0.1) only requests addressed to a loopback name are served, which defeats DNS
+    rebinding.
+    """
     app = FastAPI(title="factedit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.factedit = state
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Any:
+        host = request.headers.get("host", "")
+        if loopback_only and _host_name(host) not in LOOPBACK_NAMES:
+            return JSONResponse({"error": f"this server answers only to 127.0.0.1/localhost, not {host!r}"}, status_code=403)
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD") and origin and urlsplit(origin).netloc != host:
+            return JSONResponse({"error": f"requests from {origin} are not accepted"}, status_code=403)
         response = await call_next(request)
         for k, v in SECURITY_HEADERS.items():
             response.headers.setdefault(k, v)
@@ -167,17 +188,24 @@ def bind(host: str = "127.0.0.1", port: int = 7860) -> socket.socket:
     return sock
 
 
-def make_server(state: ServerState, *, log_level: str = "warning") -> Any:
-    """A uvicorn server for ``state`` (not started)."""
+def _is_loopback(sock: socket.socket) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(sock.getsockname()[0]).is_loopback
+
+
+def make_server(state: ServerState, sock: socket.socket, *, log_level: str = "warning") -> Any:
+    """A uvicorn server for ``state`` that will listen on ``sock`` (not started)."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(state), log_level=log_level, access_log=False, lifespan="off")
+    app = create_app(state, loopback_only=_is_loopback(sock))
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off")
     return uvicorn.Server(config)
 
 
 def serve(state: ServerState, sock: socket.socket, *, log_level: str = "warning") -> None:
     """Serve on ``sock`` until interrupted (Ctrl-C)."""
-    server = make_server(state, log_level=log_level)
+    server = make_server(state, sock, log_level=log_level)
     try:
         server.run(sockets=[sock])
     finally:
@@ -195,7 +223,7 @@ def running_server(
     and calls ``state.close()`` when done.
     """
     sock = bind(host, port)
-    server = make_server(state)
+    server = make_server(state, sock)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="factedit-web-server", daemon=True
     )

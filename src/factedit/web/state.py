@@ -31,7 +31,7 @@ from ..arch import describe
 from ..demo import EXAMPLES
 from ..generation import generate, logit_lens
 from ..methods import available_methods, edit, get_method
-from ..requests import EditRequest, InvalidRequestError
+from ..requests import EditRequest
 from ..saving import AppliedEdit, apply_edit, combine_edits, load_edit, save_edit
 from ..scoring import target_prob
 from ..tracing import KINDS, CausalTracer
@@ -303,7 +303,9 @@ class ServerState:
             request = EditRequest(prompt, subject, target)
             request.check_tokenizer(self.tok)
             get_method(method)  # unknown or unavailable methods are refused before queueing
-        except (InvalidRequestError, ValueError) as exc:
+        except (ValueError, LookupError, RuntimeError) as exc:
+            # Bad requests, unknown methods, methods that need training first: all refused
+            # before anything is queued.
             raise WebInputError(str(exc)) from None
         if not prompts:
             prompts = [request.text]
