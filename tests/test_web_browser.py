@@ -150,8 +150,11 @@ def test_seed_edit_in_the_browser_then_revert(driver_factory, page, model, prist
     assert_weights_equal(model, pristine_state)  # bit-for-bit, every tensor
 
 
-def test_bad_request_shows_a_message(driver_factory, page, model, pristine_state):
+def test_bad_request_shows_a_message(driver_factory, page, model, pristine_state, tmp_path):
     from selenium.webdriver.common.by import By
+
+    from conftest import make_tiny_model
+    from edit_helpers import rank_one, synthetic_edit
 
     url, state = page
     driver = driver_factory()
@@ -178,5 +181,13 @@ def test_bad_request_shows_a_message(driver_factory, page, model, pristine_state
     trace_msg = driver.find_element(By.ID, "trace-message")
     wait_for(driver, lambda d: trace_msg.is_displayed(), 20, "the trace message")
     assert "does not occur in the prompt" in trace_msg.text
+    # A saved edit of another base model, uploaded: refused with the reason.
+    tiny = make_tiny_model("llama")
+    path = synthetic_edit(tiny, [rank_one(tiny, 0, seed=1)]).save(tmp_path / "tiny-llama.safetensors")
+    driver.find_element(By.ID, "upload-file").send_keys(str(path))
+    driver.find_element(By.ID, "upload-submit").click()
+    edits_msg = driver.find_element(By.ID, "edits-message")
+    wait_for(driver, lambda d: edits_msg.is_displayed(), 20, "the upload message")
+    assert "tiny-llama.safetensors does not fit this model" in edits_msg.text
     assert state.edits() == []
     assert_weights_equal(model, pristine_state)
