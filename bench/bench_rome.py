@@ -22,14 +22,14 @@ import torch
 import factedit
 from factedit.evaluate import load_dataset
 from factedit.methods import EditContext
-from factedit.methods.rome import ROMEHParams, _prefixed, context_templates
+from factedit.methods.rome import ROMEHParams, context_templates
 from factedit.tokens import prompt_target_batch
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact_dev.json"
 
 
 def fwd_bwd_seconds(model, tok, request, hp: ROMEHParams, templates: list[str], repeats: int = 3) -> float:
-    texts, _ = _prefixed(request, templates)
+    texts = [t.replace("{}", request.text) for t in templates]
     prompts = texts + [p.replace("{}", request.subject) for p in hp.kl_prompts]
     targets = [request.target_text] * len(texts) + [" a"] * len(hp.kl_prompts)
     b = prompt_target_batch(tok, prompts, targets)

@@ -170,12 +170,14 @@ def test_layer_out_of_range(model, tok, unchanged_after):
 
 def test_non_finite_update_is_refused(model, tok, unchanged_after, monkeypatch):
     from factedit.methods import rome
+    from factedit.values import ValueResult
 
-    def nan_value(*args, **kwargs):
+    def nan_values(*args, **kwargs):
         hidden = factedit.describe(model).hidden_size
-        return torch.full((hidden,), float("nan")), {"v_steps": 0}
+        nan = float("nan")
+        return [ValueResult(torch.full((hidden,), nan), torch.ones(hidden), 0, nan, nan, nan, False, False)]
 
-    monkeypatch.setattr(rome, "compute_value", nan_value)
+    monkeypatch.setattr(rome, "optimize_values", nan_values)
     with pytest.raises(NonFiniteUpdateError, match="NaN or inf"):
         edit(model, tok, REQUEST, hparams={"v_num_grad_steps": 1})
 

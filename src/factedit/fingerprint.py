@@ -41,3 +41,24 @@ def module_params_fingerprint(model: nn.Module, prefixes: Iterable[str], exclude
         if n not in skip and any(pre == "" or n == pre or n.startswith(pre + ".") for pre in prefixes)
     ]
     return params_fingerprint(chosen)
+
+
+def base_model_fingerprint(model: nn.Module, stride: int = 97) -> str:
+    """A cheap identity of a model that edits of its blocks do not change.
+
+    It hashes the configuration, every parameter's name and shape, and every ``stride``-th
+    element of the input embedding matrix (which no editing method touches): different models
+    differ there, and it costs milliseconds instead of hashing every weight. Use it for caches
+    of things derived from the base model that should survive edits (ROME's context
+    templates); use :func:`module_params_fingerprint` where exact weights matter.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        h.update(config.to_json_string(use_diff=False).encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}|{p.dtype}|{tuple(p.shape)};".encode())
+    emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        tensor_digest(h, "embed", emb.detach().reshape(-1)[::stride])
+    return h.hexdigest()

@@ -170,17 +170,36 @@ def layer_stats(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    memo: dict[str, Any] | None = None,
 ) -> SecondMoment:
     """E[k kᵀ] of the MLP output projection's inputs at ``layer``, from the cache when possible.
 
     The cache file is ``<cache_dir>/stats/<key>.safetensors``; ``key`` covers everything the
     value depends on (see the module docstring). Writes are atomic, so concurrent or
     interrupted runs never leave a half-written file.
+
+    ``memo`` (a dict the caller holds, e.g. :attr:`EditContext.memo`) keeps the result in
+    memory, valid while none of the weights it depends on is modified in place (tracked
+    through the tensors' version counters), so repeated edits neither re-read the file nor
+    re-hash the weights.
     """
     arch = arch or describe(model)
     arch.layer_name(layer)
     corpus = as_corpus(corpus)
     seq_len = _fit_seq_len(model, seq_len)
+    memo_key = None
+    if memo is not None and use_cache:
+        prefixes = [arch.embed] + [arch.layer_name(i) for i in range(layer + 1)]
+        proj = arch.mlp_out_name(layer)
+        state = tuple(
+            (n, p.data_ptr(), p._version)
+            for n, p in model.named_parameters()
+            if n not in (f"{proj}.weight", f"{proj}.bias")
+            and any(n == pre or n.startswith(pre + ".") for pre in prefixes)
+        )
+        memo_key = f"stats/{id(model)}/{layer}/{corpus.identity}/{tokens}/{seq_len}/{hash(state)}"
+        if memo_key in memo:
+            return memo[memo_key]
     key = stats_key(model, arch, layer, corpus, tokens, seq_len)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stats"
     path = folder / f"{key}.safetensors"
@@ -188,10 +207,13 @@ def layer_stats(
     if use_cache and path.is_file():
         data = load_file(path)
         meta = json.loads((folder / f"{key}.json").read_text()) if (folder / f"{key}.json").is_file() else {}
-        return SecondMoment(
+        result = SecondMoment(
             data["mom2"].to(device), data["mean"].to(device), int(data["count"].item()), key,
             meta.get("seconds", 0.0), from_cache=True,
         )  # fmt: skip
+        if memo_key is not None:
+            memo[memo_key] = result
+        return result
     t0 = time.perf_counter()
     mom2, mean, count = compute_second_moment(
         model, tok, layer, arch=arch, corpus=corpus, tokens=tokens, seq_len=seq_len, progress=progress
@@ -212,4 +234,7 @@ def layer_stats(
         }  # fmt: skip
         (folder / f"{key}.json").write_text(json.dumps(meta, indent=2))
         os.replace(tmp, path)
-    return SecondMoment(mom2, mean, count, key, seconds, from_cache=False)
+    result = SecondMoment(mom2, mean, count, key, seconds, from_cache=False)
+    if memo_key is not None:
+        memo[memo_key] = result
+    return result

@@ -494,6 +494,7 @@ def run_evaluation(
     weights are the same on return (or exception) as on entry.
     """
     out = Path(out)
+    default_edit = edit_fn is None
     edit_fn = edit_fn or _default_edit_fn()
     cfg = config.to_dict()
     if out.exists() and overwrite:
@@ -529,6 +530,11 @@ def run_evaluation(
     done = {c["case_id"] for c in existing.cases}
     todo = [c for c in cases if _json_id(c.case_id) not in done]
     ekw = dict(edit_kwargs or {})
+    if default_edit:
+        from ..methods import EditContext
+
+        # One context for the whole run: statistics and templates are read once, not per case.
+        ekw.setdefault("context", EditContext(progress=False))
     if config.generation and reference_scorer is None and config.kind == "counterfact":
         from .tfidf import load_reference_scorer
 

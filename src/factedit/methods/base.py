@@ -72,8 +72,11 @@ class WeightEditor:
         self.model = model
         self.original: dict[str, torch.Tensor] = {}
         self.steps: list[dict[str, Delta]] = []
+        self._undo: dict[str, torch.Tensor] | None = None
 
-    def apply(self, deltas: Mapping[str, Delta]) -> None:
+    def apply(self, deltas: Mapping[str, Delta], *, undoable: bool = False) -> None:
+        """Add ``deltas`` to the parameters. With ``undoable``, :meth:`undo_last` can take this
+        step back bit-exactly (it keeps a copy of the touched parameters until the next apply)."""
         dense: dict[str, torch.Tensor] = {}
         for name, delta in deltas.items():
             param = get_parameter(self.model, name)
@@ -83,6 +86,9 @@ class WeightEditor:
             if not torch.isfinite(mat).all():
                 raise NonFiniteUpdateError(f"the update for {name} contains NaN or inf; nothing was changed")
             dense[name] = mat
+        self._undo = (
+            {n: get_parameter(self.model, n).detach().clone() for n in dense} if undoable else None
+        )
         with torch.no_grad():
             for name, mat in dense.items():
                 param = get_parameter(self.model, name)
@@ -94,6 +100,16 @@ class WeightEditor:
             self.restore()
             raise NonFiniteUpdateError(f"applying the update made {bad} non-finite; model restored")
         self.steps.append(dict(deltas))
+
+    def undo_last(self) -> None:
+        """Take back the last :meth:`apply` made with ``undoable=True``, bit-exactly."""
+        if self._undo is None:
+            raise EditError("the last step was not applied with undoable=True")
+        with torch.no_grad():
+            for name, value in self._undo.items():
+                get_parameter(self.model, name).copy_(value)
+        self._undo = None
+        self.steps.pop()
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -167,6 +183,10 @@ class EditContext:
     progress: bool = True
     stats_corpus: Any = None
     stats_tokens: int | None = None
+    #: In-memory results that stay valid across edits made with this context (statistics
+    #: matrices, context templates), keyed like their on-disk caches. Hold one context across
+    #: many edits (as the evaluation runner does) to read each only once.
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 class EditMethod(ABC):

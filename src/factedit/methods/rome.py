@@ -26,12 +26,11 @@ only at the positions a loss reads; the frozen network can run under bfloat16 au
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,24 +39,17 @@ import torch
 from torch import nn
 
 from ..arch import ModelArch
-from ..fingerprint import module_params_fingerprint
+from ..fingerprint import base_model_fingerprint
 from ..generation import generate
-from ..hooks import (
-    Trace,
-    TraceDict,
-    as_batch_seq,
-    first_tensor,
-    frozen_parameters,
-    replace_module,
-    with_first_tensor,
-)
+from ..hooks import Trace, as_batch_seq
 from ..hparams import HParams
 from ..models import cache_dir as default_cache_dir
 from ..models import model_device, parse_dtype
 from ..requests import EditRequest
-from ..scoring import target_prob
+from ..scoring import target_token_scores
 from ..stats import layer_stats
-from ..tokens import encode_target, subject_token_range
+from ..tokens import encode_target
+from ..values import ValueConfig, build_rows, optimize_values
 from .base import EditContext, EditMethod, LowRankDelta, PhaseTimer, WeightEditor
 
 log = logging.getLogger(__name__)
@@ -88,6 +80,14 @@ class ROMEHParams(HParams):
         value_dtype: autocast dtype for the frozen network during the value optimisation
             (``"bfloat16"`` or ``None`` for the model's dtype).
         replay_lower_layers: compute the blocks below ``layer`` once and replay them.
+        value_margin: the value optimisation stops only once the new target's first token beats
+            the old one's (``target_true``, else the model's own top token) by this log-prob on
+            every prompt; ``None`` stops on the NLL alone (the research code).
+        efficacy_retries: after the update is applied, the new target must beat the old one on
+            the request prompt; if it does not, the update is taken back and the optimisation
+            continues (more steps, a looser clamp when the clamp held δ back, a stricter
+            criterion) up to this many times; then a :class:`EditEfficacyWarning` names the
+            probabilities.
     """
 
     layer: int = 5
@@ -106,6 +106,8 @@ class ROMEHParams(HParams):
     key_mode: str = "mean"
     value_dtype: str | None = None
     replay_lower_layers: bool = True
+    value_margin: float | None = 0.0
+    efficacy_retries: int = 2
 
     def adapt(self, arch: ModelArch) -> ROMEHParams:
         # ROME's sweeps put the best layer in the lower third of the network (17 of 48 in
@@ -127,6 +129,8 @@ class ROME(EditMethod):
             raise ValueError("v_num_grad_steps must be >= 1 and v_lr > 0")
         if hparams.mom2_tokens < 1:
             raise ValueError("mom2_tokens must be positive")
+        if hparams.efficacy_retries < 0:
+            raise ValueError("efficacy_retries must be >= 0")
         parse_dtype(hparams.value_dtype)
         for p in hparams.kl_prompts:
             if p.count("{}") != 1:
@@ -156,36 +160,147 @@ class ROME(EditMethod):
                     model, tok, hparams.layer, arch=arch, corpus=context.stats_corpus,
                     tokens=context.stats_tokens or hparams.mom2_tokens,
                     cache_dir=Path(context.cache_dir) / "stats" if context.cache_dir else None,
-                    progress=context.progress,
+                    progress=context.progress, memo=context.memo,
                 ).mom2  # fmt: skip
         for request in requests:
-            with timer("probe"):
-                p_before = target_prob(model, tok, [request.text], [request.target_text]).item()
-            delta, info = compute_rome_update(model, tok, request, hparams, arch, templates, c, timer)
-            with timer("update"):
-                editor.apply({arch.mlp_out_weight_name(hparams.layer): delta})
-            with timer("probe"):
-                p_after = target_prob(model, tok, [request.text], [request.target_text]).item()
-            diagnostics.append({**info, "target_prob_before": p_before, "target_prob_after": p_after})
+            diagnostics.append(
+                _edit_one(model, tok, request, hparams, arch, templates, c, editor, context, timer)
+            )
         return diagnostics
+
+
+class EditEfficacyWarning(UserWarning):
+    """An edit was applied but the new target still does not beat the old one on the request
+    prompt (the probabilities are in the message and in the result's diagnostics)."""
+
+
+def _edit_one(
+    model: nn.Module,
+    tok: Any,
+    request: EditRequest,
+    hp: ROMEHParams,
+    arch: ModelArch,
+    templates: list[str],
+    mom2: torch.Tensor | None,
+    editor: WeightEditor,
+    context: EditContext,
+    timer: PhaseTimer,
+) -> dict[str, Any]:
+    """Write one request and check that it holds on its own prompt; see
+    :attr:`ROMEHParams.efficacy_retries`."""
+    with timer("probe"):
+        (before,) = target_token_scores(model, tok, [request.text], [request.target_text])
+        new_ids = encode_target(tok, request.target_text)
+        if request.true_text is not None:
+            old_text = request.true_text
+        elif int(before.argmax[0]) != new_ids[0]:
+            old_text = tok.decode([int(before.argmax[0])])
+        else:
+            old_text = None  # the model already starts the new target
+        old_ids = encode_target(tok, old_text) if old_text else []
+        old_first = old_ids[0] if old_ids and old_ids[0] != new_ids[0] else None
+    with timer("key"):
+        keys = compute_key(model, tok, request, arch, hp.layer, templates)
+    cfg = ValueConfig.from_hparams(hp)
+    with timer("value"):
+        (values,) = optimize_values(
+            model, tok, [request], arch, hp.layer, templates, cfg, old_first=[old_first], progress=context.progress
+        )
+    name = arch.mlp_out_weight_name(hp.layer)
+    attempts, steps = 0, values.steps
+    while True:
+        with timer("update"):
+            delta = rome_delta(keys, templates, values.delta, mom2, hp, arch)
+            editor.apply({name: delta}, undoable=True)
+        with timer("probe"):
+            check = _efficacy(model, tok, request, templates, old_text)
+        if check["efficacy"] or attempts >= hp.efficacy_retries:
+            break
+        # The update did not carry the optimised shift far enough on the request prompt (the
+        # other tokens of the subject moved too, or the clamp held δ back): take it back and
+        # continue from δ, with a looser clamp if it was binding and a stricter criterion.
+        attempts += 1
+        editor.undo_last()
+        log.info("ROME: %r does not beat %r yet (%s); continuing the optimisation", request.target_text, old_text, check)
+        cfg = ValueConfig.from_hparams(
+            hp,
+            clamp_norm_factor=cfg.clamp_norm_factor * (1.5 if values.clamped else 1.0),
+            early_stop_loss=cfg.early_stop_loss * 0.5,
+            margin=None if cfg.margin is None else cfg.margin + 1.0,
+        )
+        with timer("value"):
+            (values,) = optimize_values(
+                model, tok, [request], arch, hp.layer, templates, cfg, old_first=[old_first],
+                init=[values.delta], progress=context.progress,
+            )  # fmt: skip
+        steps += values.steps
+    if not check["efficacy"]:
+        warnings.warn(
+            f"ROME could not make {request.target_text!r} more likely than {old_text!r} after "
+            f"{request.text!r}: P(new) {check['p_new']:.4f} vs P(old) {check['p_old']:.4f} after "
+            f"{attempts + 1} attempt(s) and {steps} optimisation steps; the edit is in place "
+            "but weak (try another layer or more v_num_grad_steps)",
+            EditEfficacyWarning,
+            stacklevel=4,
+        )
+    info = values.info()
+    info.update(
+        {
+            "layer": hp.layer,
+            "key_norm": keys.mean(0).norm().item(),
+            "v_steps": steps,
+            "efficacy_retries": attempts,
+            "old_target": old_text,
+            "target_prob_before": float(before.logprobs.sum().exp()),
+            "target_prob_after": check["p_new_total"],
+            **check,
+        }
+    )
+    return info
+
+
+@torch.no_grad()
+def _efficacy(model: nn.Module, tok: Any, request: EditRequest, templates: list[str], old_text: str | None) -> dict[str, Any]:
+    """Does the new target beat the old one on the request prompt (mean per-token
+    log-probability, as CounterFact's ES)? The prefixed forms were already required to prefer
+    the new target's first token during the value optimisation (``value_margin``)."""
+    if old_text is None:
+        (new,) = target_token_scores(model, tok, [request.text], [request.target_text])
+        p = float(new.logprobs.mean().exp())
+        return {"efficacy": True, "p_new": p, "p_old": float("nan"), "p_new_total": float(new.logprobs.sum().exp())}
+    new, old = target_token_scores(model, tok, [request.text] * 2, [request.target_text, old_text])
+    return {
+        "efficacy": bool(new.logprobs.mean() > old.logprobs.mean()),
+        "p_new": float(new.logprobs.mean().exp()),
+        "p_old": float(old.logprobs.mean().exp()),
+        "p_new_total": float(new.logprobs.sum().exp()),
+    }
 
 
 # ---- context templates -------------------------------------------------------------------
 
 
 def context_templates(model: nn.Module, tok: Any, hparams: ROMEHParams, context: EditContext) -> list[str]:
-    """``["{}"]`` plus generated prefixes ``"<text>. {}"``, seeded and cached on disk.
+    """``["{}"]`` plus generated prefixes ``"<text>. {}"``, seeded and cached on disk (and in
+    ``context.memo``).
 
-    The cache key covers the model's weights, the tokenizer's vocabulary size, the lengths and
-    the seed, so a different or edited model gets its own prefixes.
+    The cache key covers the base model (:func:`factedit.fingerprint.base_model_fingerprint`,
+    which edits of its blocks do not change), the tokenizer's vocabulary size, the lengths and
+    the seed. So, as in the research code, an edited model keeps the prefixes of its base model
+    and a sequence of edits uses the same prompts; a different model gets its own.
     """
-    spec = {"lengths": hparams.context_templates, "seed": hparams.template_seed, "version": 1}
-    fp = module_params_fingerprint(model, [""])
+    spec = {"lengths": hparams.context_templates, "seed": hparams.template_seed, "version": 2}
+    fp = base_model_fingerprint(model)
     key = hashlib.sha256(json.dumps({**spec, "weights": fp, "vocab": len(tok)}, sort_keys=True).encode()).hexdigest()[:24]
+    memo_key = f"templates/{key}"
+    if memo_key in context.memo:
+        return list(context.memo[memo_key])
     folder = Path(context.cache_dir or default_cache_dir()) / "templates"
     path = folder / f"{key}.json"
     if path.is_file():
-        return json.loads(path.read_text())["templates"]
+        templates = json.loads(path.read_text())["templates"]
+        context.memo[memo_key] = templates
+        return list(templates)
     starts = ["The", "Therefore", "Because", "I", "You"]
     templates = ["{}"]
     for i, (length, n) in enumerate(hparams.context_templates):
@@ -200,41 +315,8 @@ def context_templates(model: nn.Module, tok: Any, hparams: ROMEHParams, context:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"templates": templates, **spec}, indent=1))
     os.replace(tmp, path)
-    return templates
-
-
-# ---- batches with subject positions --------------------------------------------------------
-
-
-@dataclass
-class _Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    subject_pos: torch.Tensor  # (rows,) position of the subject's last token
-    target_pos: list[list[int]]  # rewrite rows only
-    last_pos: int  # every row's last position (left padding)
-
-
-def _subject_batch(tok: Any, texts: list[str], subject: str, starts: list[int], suffix_ids: list[list[int]]) -> _Batch:
-    rows, spos = [], []
-    for text, start, suffix in zip(texts, starts, suffix_ids, strict=True):
-        ids = tok(text)["input_ids"]
-        _, end = subject_token_range(tok, text, subject, start_char=start)
-        rows.append(ids + suffix)
-        spos.append(end - 1 - len(ids))  # relative to the prompt's end
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids_t)
-    subj, tpos = [], []
-    for i, (r, s, suffix) in enumerate(zip(rows, spos, suffix_ids, strict=True)):
-        off = width - len(r)
-        ids_t[i, off:] = torch.tensor(r)
-        mask[i, off:] = 1
-        prompt_end = width - len(suffix)  # index just past the prompt
-        subj.append(prompt_end + s)
-        tpos.append(list(range(prompt_end - 1, prompt_end - 1 + len(suffix) + 1)))
-    return _Batch(ids_t, mask, torch.tensor(subj), tpos, width - 1)
+    context.memo[memo_key] = templates
+    return list(templates)
 
 
 # ---- the update --------------------------------------------------------------------------
@@ -243,159 +325,50 @@ def _subject_batch(tok: Any, texts: list[str], subject: str, starts: list[int], 
 @torch.no_grad()
 def compute_key(
     model: nn.Module, tok: Any, request: EditRequest, arch: ModelArch, layer: int, templates: list[str]
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """The projection input at the subject's last token for each prefixed prompt, ``(n, d)``
     in template order (k* is their mean; template ``"{}"`` gives the bare prompt's key)."""
-    texts, starts = _prefixed(request, templates)
-    b = _subject_batch(tok, texts, request.subject, starts, [[] for _ in texts])
+    b = build_rows(tok, [request], templates, [], [None])
     device = model_device(model)
     with Trace(model, arch.mlp_out_name(layer), retain_input=True, retain_output=False, stop=True) as tr:
         model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
-    keys = as_batch_seq(tr.input, *b.input_ids.shape)[torch.arange(len(texts)), b.subject_pos.to(device)].float()
-    return keys
+    x = as_batch_seq(tr.input, *b.input_ids.shape)
+    return x[torch.arange(len(templates), device=x.device), b.subject_pos.to(x.device)].float()
 
 
-def _prefixed(request: EditRequest, templates: list[str]) -> tuple[list[str], list[int]]:
-    texts, starts = [], []
-    for t in templates:
-        head = t.split("{}")[0]
-        texts.append(t.replace("{}", request.text))
-        starts.append(len(head))
-    return texts, starts
-
-
-class _Replay(nn.Module):
-    """Stands in for a block whose output is fixed: returns what the block returned before."""
-
-    def __init__(self, output: Any) -> None:
-        super().__init__()
-        self.output = output
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.output
-
-
-@contextlib.contextmanager
-def _replayed_blocks(model: nn.Module, arch: ModelArch, outputs: list[Any]) -> Iterator[None]:
-    """Replace blocks ``0..len(outputs)-1`` by :class:`_Replay` stand-ins; put them back on exit."""
-    originals = []
-    try:
-        for i, out in enumerate(outputs):
-            originals.append(replace_module(model, arch.layer_name(i), _Replay(out)))
-        yield
-    finally:
-        for i, block in enumerate(originals):
-            replace_module(model, arch.layer_name(i), block)
-
-
-def compute_value(
-    model: nn.Module,
-    tok: Any,
-    request: EditRequest,
+def rome_delta(
+    keys: torch.Tensor,
+    templates: list[str],
+    delta_v: torch.Tensor,
+    mom2: torch.Tensor | None,
     hparams: ROMEHParams,
     arch: ModelArch,
-    templates: list[str],
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """δ: the shift of the MLP output at the subject's last token that makes the model say
-    the target after every prefixed prompt (v* = W k* + δ).
-
-    The model's weights are unchanged when this returns (only activations are altered,
-    through hooks that are removed on exit).
-    """
-    device = model_device(model)
-    target_ids = encode_target(tok, request.target_text)
-    texts, starts = _prefixed(request, templates)
-    kl_texts = [p.replace("{}", request.subject) for p in hparams.kl_prompts]
-    kl_starts = [p.index("{}") for p in hparams.kl_prompts]
-    suffixes = [target_ids[:-1]] * len(texts) + [[] for _ in kl_texts]
-    b = _subject_batch(tok, texts + kl_texts, request.subject, starts + kl_starts, suffixes)
-    ids, mask = b.input_ids.to(device), b.attention_mask.to(device)
-    n_rw, rows = len(texts), torch.arange(len(texts) + len(kl_texts), device=device)
-    subj = b.subject_pos.to(device)
-    # Flattened (row, position, target token) triples for the NLL.
-    r_idx, p_idx, t_idx, weights = [], [], [], []
-    for i in range(n_rw):
-        pos = b.target_pos[i][: len(target_ids)]
-        r_idx += [i] * len(pos)
-        p_idx += pos
-        t_idx += target_ids
-        weights += [1.0 / len(target_ids)] * len(pos)
-    r_idx_t, p_idx_t = torch.tensor(r_idx, device=device), torch.tensor(p_idx, device=device)
-    t_idx_t, w_t = torch.tensor(t_idx, device=device), torch.tensor(weights, device=device)
-    kl_rows = torch.arange(n_rw, n_rw + len(kl_texts), device=device)
-
-    mlp_name, norm_name = arch.mlp_name(hparams.layer), arch.final_norm
-    autocast_dtype = parse_dtype(hparams.value_dtype)
-    delta = torch.zeros(arch.hidden_size, device=device, requires_grad=True)
-    state: dict[str, Any] = {}
-
-    def add_delta(output: Any, layer: str) -> Any:
-        flat = first_tensor(output)
-        h = as_batch_seq(flat, *ids.shape)
-        if "v0" not in state:
-            state["v0"] = h[0, subj[0]].detach().float().clone()
-        h = h.clone()
-        h[rows, subj] = h[rows, subj] + delta.to(h.dtype)
-        return with_first_tensor(output, h.view(flat.shape))
-
-    def run() -> torch.Tensor:
-        """Final-norm outputs (the lm head is applied only where a loss reads)."""
-        ctx = (
-            torch.autocast(device_type=device.type, dtype=autocast_dtype)
-            if autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with ctx, TraceDict(model, [mlp_name, norm_name], edit_output=_only(mlp_name, add_delta), stop=True) as td:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        return first_tensor(td[norm_name].output)
-
-    def logits_at(h: torch.Tensor, r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return arch.logits_from_normed(model, h[r, p]).float()
-
-    replay: list[Any] = []
-    if hparams.replay_lower_layers and hparams.layer > 0:
-        names = [arch.layer_name(i) for i in range(hparams.layer)]
-        with torch.no_grad(), TraceDict(model, names, stop=True, detach=True) as td:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        replay = [td[n].output for n in names]
-
-    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
-    kl_ref = None
-    losses: list[float] = []
-    steps = 0
-    with _replayed_blocks(model, arch, replay), frozen_parameters(model):
-        for step in range(hparams.v_num_grad_steps):
-            steps = step + 1
-            opt.zero_grad()
-            h = run()
-            lp = torch.log_softmax(logits_at(h, r_idx_t, p_idx_t), dim=-1)
-            nll = -(lp[torch.arange(len(t_idx_t), device=device), t_idx_t] * w_t).sum() / n_rw
-            kl_lp = torch.log_softmax(logits_at(h, kl_rows, torch.full_like(kl_rows, b.last_pos)), dim=-1)
-            if kl_ref is None:
-                kl_ref = kl_lp.detach()
-            kl = torch.nn.functional.kl_div(kl_lp, kl_ref, log_target=True, reduction="batchmean")
-            v0 = state["v0"]
-            wd = hparams.v_weight_decay * delta.norm() ** 2 / v0.norm() ** 2
-            loss = nll + hparams.kl_factor * kl + wd
-            losses.append(nll.item())
-            if nll.item() < hparams.early_stop_loss:
-                break
-            if step == hparams.v_num_grad_steps - 1:
-                break  # the last loss is measured, not stepped on
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                max_norm = hparams.clamp_norm_factor * v0.norm()
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
-    return delta.detach(), {"v_steps": steps, "v_nll": losses[-1], "v_nll_first": losses[0], "delta_norm": delta.norm().item()}
-
-
-def _only(name: str, fn: Any) -> Any:
-    def edit(output: Any, layer: str) -> Any:
-        return fn(output, layer) if layer == name else output
-
-    return edit
+) -> LowRankDelta:
+    """The rank-one ΔW that shifts the projection's output by ``delta_v`` at the keys, as
+    factors in the weight's storage orientation."""
+    k_star = keys.mean(0)
+    k_bare = keys[templates.index("{}")] if "{}" in templates else keys[0]
+    with torch.no_grad():
+        # The optimisation shifted the MLP output by δ at every prompt, so the update must
+        # map the key to W k + δ: the residual is δ itself. Dividing by uᵀk* makes the shift
+        # exactly δ for k* (the mean of the prefixed keys) and δ on average over them; the
+        # research code divided by uᵀk₀ (the bare prompt's key), which mis-scales the edit.
+        k = k_bare if hparams.original_key_bug else k_star
+        c = mom2.to(torch.float64) if mom2 is not None else None
+        if hparams.key_mode == "each" and not hparams.original_key_bug:
+            kk = keys.to(c.device, torch.float64) if c is not None else keys.double()
+            cinv_k = torch.linalg.solve(c, kk.T) if c is not None else kk.T  # (d, n)
+            gram = kk @ cinv_k
+            ridge = 1e-6 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+            alpha = torch.linalg.solve(gram + ridge, torch.ones(len(gram), dtype=gram.dtype, device=gram.device))
+            left_in = (cinv_k @ alpha).float()
+        else:
+            u = torch.linalg.solve(c, k_star.to(c.device, torch.float64)) if c is not None else k_star.double()
+            left_in = (u / torch.dot(u, k.to(u.device, torch.float64))).float()  # (in,)
+        resid = delta_v.to(left_in.device).float()
+        if arch.mlp_out_transposed:
+            return LowRankDelta(left=left_in[:, None], right=resid[:, None])
+        return LowRankDelta(left=resid[:, None], right=left_in[:, None])
 
 
 def compute_rome_update(
@@ -406,41 +379,13 @@ def compute_rome_update(
     arch: ModelArch,
     templates: list[str],
     mom2: torch.Tensor | None,
-    timer: PhaseTimer | None = None,
 ) -> tuple[LowRankDelta, dict[str, Any]]:
-    """The rank-one ΔW for one request, as factors in the weight's storage orientation.
+    """The rank-one ΔW for one request (no efficacy check), and the optimisation's diagnostics.
 
     The model is unchanged when this returns.
     """
-    timer = timer or PhaseTimer({})
-    layer = hparams.layer
-    with timer("key"):
-        keys = compute_key(model, tok, request, arch, layer, templates)
-        k_star = keys.mean(0)
-        k_bare = keys[templates.index("{}")] if "{}" in templates else keys[0]
-    with timer("value"):
-        delta_v, info = compute_value(model, tok, request, hparams, arch, templates)
-    with timer("update"), torch.no_grad():
-        # The optimisation shifted the MLP output by δ at every prompt, so the update must
-        # map the key to W k + δ: the residual is δ itself. Dividing by uᵀk* makes the shift
-        # exactly δ for k* (the mean of the prefixed keys) and δ on average over them; the
-        # research code divided by uᵀk₀ (the bare prompt's key), which mis-scales the edit.
-        k = k_bare if hparams.original_key_bug else k_star
-        c = mom2.to(torch.float64) if mom2 is not None else None
-        if hparams.key_mode == "each" and not hparams.original_key_bug:
-            kk = keys.to(torch.float64 if c is None else c.device, torch.float64) if c is not None else keys.double()
-            cinv_k = torch.linalg.solve(c, kk.T) if c is not None else kk.T  # (d, n)
-            gram = kk @ cinv_k
-            ridge = 1e-6 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-            alpha = torch.linalg.solve(gram + ridge, torch.ones(len(gram), dtype=gram.dtype, device=gram.device))
-            left_in = (cinv_k @ alpha).float()
-        else:
-            u = torch.linalg.solve(c, k_star.to(c.device, torch.float64)) if c is not None else k_star.double()
-            left_in = (u / torch.dot(u, k.to(u.device, torch.float64))).float()  # (in,)
-        resid = delta_v.to(left_in.device)
-        if arch.mlp_out_transposed:
-            delta = LowRankDelta(left=left_in[:, None], right=resid[:, None])
-        else:
-            delta = LowRankDelta(left=resid[:, None], right=left_in[:, None])
-    info.update({"layer": layer, "key_norm": k_star.norm().item(), "residual_norm": resid.norm().item()})
-    return delta, info
+    keys = compute_key(model, tok, request, arch, hparams.layer, templates)
+    (values,) = optimize_values(
+        model, tok, [request], arch, hparams.layer, templates, ValueConfig.from_hparams(hparams, margin=None)
+    )
+    return rome_delta(keys, templates, values.delta, mom2, hparams, arch), {**values.info(), "layer": hparams.layer}
