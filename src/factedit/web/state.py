@@ -30,7 +30,7 @@ from torch import nn
 from ..arch import describe
 from ..demo import EXAMPLES
 from ..generation import generate, logit_lens
-from ..methods import available_methods, edit, get_method
+from ..methods import EditContext, available_methods, edit, get_method
 from ..requests import EditRequest
 from ..saving import AppliedEdit, apply_edit, combine_edits, load_edit, save_edit
 from ..scoring import target_prob
@@ -176,6 +176,9 @@ class ServerState:
         # the loaded model and the edits in place, since only this object changes them.
         self._generations: OrderedDict[tuple, list[str]] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="factedit-web")
+        # One context for every edit of this server: statistics and context templates are read
+        # once and kept in its memo (used only under model_lock).
+        self._context = EditContext(progress=progress)
 
     def close(self) -> None:
         """Stop accepting jobs; running ones finish. The model keeps its edits."""
@@ -339,8 +342,6 @@ class ServerState:
         max_new_tokens: int,
         hparams: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        from ..methods import EditContext
-
         with self.model_lock:
             self._start(job)
             job.total = 4
@@ -351,7 +352,7 @@ class ServerState:
             t0 = time.perf_counter()
             result = edit(
                 self.model, self.tok, [request], method=method, hparams=hparams,
-                arch=self.arch, context=EditContext(progress=self.progress),
+                arch=self.arch, context=self._context,
             )  # fmt: skip
             seconds = time.perf_counter() - t0
             try:
