@@ -144,7 +144,13 @@ async function refreshEdits() {
   renderEdits(data.edits);
 }
 
+let shownEdits = null;
+
 function renderEdits(edits) {
+  // Rebuild only when the list changed (it is refreshed every few seconds).
+  const signature = edits.map((e) => e.id).join(",");
+  if (signature === shownEdits) return;
+  shownEdits = signature;
   const list = $("edits-list");
   list.replaceChildren();
   edits.forEach((e, i) => {
