@@ -151,6 +151,12 @@ def test_logit_lens_table(server, model, tok):
     assert last["probs"] == pytest.approx(top.values.tolist(), abs=1e-5)
     status, r, _ = call(url + "/api/lens", {"prompt": ""})
     assert status == 400 and "prompt is empty" in r["error"]
+    status, r, _ = call(url + "/api/generate", {"prompts": ["The Eiffel Tower is located in the city of"], "max_new_tokens": 3})
+    assert status == 200 and r["generations"][0].startswith("The Eiffel Tower is located in the city of ")
+    continuation = r["generations"][0].split(" of ", 1)[1]  # greedy: the lens' top token first
+    assert continuation.startswith(tok.decode([top.indices[0].item()]).strip())
+    status, r, _ = call(url + "/api/generate", {"prompts": []})
+    assert status == 400 and "non-empty list" in r["error"]
 
 
 def test_trace_job_reports_progress_and_draws_three_heatmaps(server):

@@ -327,11 +327,6 @@ class ServerState:
         self._pool.submit(self._run_job, job, lambda j: self._do_edit(j, **spec))
         return job.id
 
-    def run_edit(self, payload: Mapping[str, Any]) -> dict[str, Any]:
-        """Validate and run an edit in the calling thread (what a job does); return its result."""
-        spec = self.parse_edit(payload)
-        return self._do_edit(self._new_job("edit"), **spec)
-
     def _do_edit(
         self,
         job: Job,
@@ -496,7 +491,7 @@ class ServerState:
             raise WebInputError(f"at most {MAX_TEST_PROMPTS} prompts, got {len(raw)}")
         max_new = _int(payload, "max_new_tokens", DEFAULT_NEW_TOKENS, 1, MAX_NEW_TOKENS)
         with self.model_lock:
-            texts = self._generate([p for p in raw], max_new)
+            texts = self._generate(list(raw), max_new)
         return {"generations": texts}
 
     def parse_trace(self, payload: Mapping[str, Any]) -> dict[str, Any]:
