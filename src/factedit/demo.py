@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .generation import format_lens, generate, logit_lens
-from .hooks import get_parameter
+from .hooks import parameter_value, set_parameter_value
 from .requests import EditRequest, as_requests
 from .scoring import target_prob
 
@@ -194,6 +194,8 @@ class ChatTurn:
     edited: str
     original: str | None = None
     lens: list[Any] = field(default_factory=list)
+    original_lens: list[Any] = field(default_factory=list)
+    cancelled: bool = False
 
 
 def undo_state(edit: Any) -> dict[str, torch.Tensor]:
@@ -219,16 +221,16 @@ def swapped_out(model: nn.Module, original: Mapping[str, torch.Tensor]) -> Itera
     Only the touched parameters are copied, so comparing against the original model costs one
     extra copy of the edited matrices, not a second model.
     """
-    edited = {n: get_parameter(model, n).detach().clone() for n in original}
+    edited = {n: parameter_value(model, n).detach().clone() for n in original}
     try:
         with torch.no_grad():
             for n, v in original.items():
-                get_parameter(model, n).copy_(v)
+                set_parameter_value(model, n, v)
         yield
     finally:
         with torch.no_grad():
             for n, v in edited.items():
-                get_parameter(model, n).copy_(v)
+                set_parameter_value(model, n, v)
 
 
 def generate_interactive(
@@ -244,20 +246,29 @@ def generate_interactive(
     input_fn: Callable[[str], str] | None = None,
     out: TextIO | None = None,
     prompt_text: str = "Enter a prompt: ",
+    status: Callable[[str | None], None] | None = None,
 ) -> list[ChatTurn]:
     """A prompt loop: continue each prompt with ``model``; with ``compare_against`` (the edit
     that made ``model``), also with the original weights beside it; with ``use_logit_lens``,
-    print each layer's top tokens at the prompt's last position.
+    print each layer's top tokens at the prompt's last position (for both models when
+    comparing).
 
     ``max_out_len`` counts prompt and continuation tokens together, as in the research code.
     ``top_k`` samples from the top k tokens (``None`` or 1: greedy); ``seed`` makes each turn
-    repeatable and gives both models the same random stream. An empty line or end of input
-    (Ctrl-D) ends the loop. Guarantee: after every turn (and on any exception) the weights
-    are exactly the edited weights; the original values are swapped in only while generating
-    the comparison. Returns the turns.
+    repeatable and gives both models the same random stream. ``status``, when given, is called
+    with a short description of the work in progress (``"generating (edited model) ..."``) and
+    with ``None`` when it is done, for a front end's busy indicator.
+
+    An empty line or end of input (Ctrl-D) ends the loop. Ctrl-C (``KeyboardInterrupt``)
+    while a prompt is being worked on cancels that prompt only (the turn is returned with
+    ``cancelled=True``); Ctrl-C at the prompt discards the line, and a second one in a row
+    ends the loop. Guarantee: after every turn (and on any exception or interruption) the
+    weights are exactly the edited weights; the original values are swapped in only while
+    generating the comparison. Returns the turns.
     """
     ask = input_fn if input_fn is not None else input
     out = out if out is not None else sys.stdout
+    busy = status if status is not None else (lambda message: None)
     original = undo_state(compare_against) if compare_against is not None else None
     if original is not None:
         other = getattr(compare_against, "model", None)
@@ -269,33 +280,82 @@ def generate_interactive(
             raise ValueError("compare_against has been undone; the model is not edited any more")
     gen_kw = dict(top_k=top_k, seed=seed)
     turns: list[ChatTurn] = []
+    interrupted_at_prompt = False
     while True:
         try:
             prompt = ask(prompt_text)
         except EOFError:
             out.write("\n")
             break
+        except KeyboardInterrupt:
+            if interrupted_at_prompt:
+                out.write("\n")
+                break
+            interrupted_at_prompt = True
+            out.write("\n(Ctrl-C again, an empty line or Ctrl-D to quit)\n")
+            continue
+        interrupted_at_prompt = False
         if not prompt.strip():
             break
-        n_prompt = len(tok(prompt)["input_ids"])
-        new_tokens = max(1, max_out_len - n_prompt)
-        edited_text = generate(model, tok, prompt, max_new_tokens=new_tokens, **gen_kw)[0]
-        turn = ChatTurn(prompt, edited_text)
-        if original is not None:
-            with swapped_out(model, original):
-                turn.original = generate(model, tok, prompt, max_new_tokens=new_tokens, **gen_kw)[0]
-            out.write(f"[edited]   {edited_text}\n[original] {turn.original}\n")
-        else:
-            out.write(f"{edited_text}\n")
-        if use_logit_lens:
-            turn.lens = logit_lens(model, tok, prompt, top_k=lens_top_k)
-            out.write(f"logit lens (top {lens_top_k} next tokens per layer after {prompt!r}):\n")
-            out.write(format_lens(turn.lens) + "\n")
+        turn = ChatTurn(prompt, "")
+        try:
+            _chat_turn(model, tok, turn, original, max_out_len, use_logit_lens, lens_top_k,
+                       gen_kw, busy, out)  # fmt: skip
+        except KeyboardInterrupt:
+            turn.cancelled = True
+            out.write("(cancelled)\n")
+        finally:
+            busy(None)
         out.write("\n")
         if hasattr(out, "flush"):
             out.flush()
         turns.append(turn)
     return turns
+
+
+def _chat_turn(
+    model: nn.Module,
+    tok: Any,
+    turn: ChatTurn,
+    original: Mapping[str, torch.Tensor] | None,
+    max_out_len: int,
+    use_logit_lens: bool,
+    lens_top_k: int,
+    gen_kw: dict[str, Any],
+    busy: Callable[[str | None], None],
+    out: TextIO,
+) -> None:
+    """One prompt of :func:`generate_interactive`, filling ``turn`` as it goes (so a Ctrl-C
+    keeps what was already shown)."""
+    prompt = turn.prompt
+    n_prompt = len(tok(prompt)["input_ids"])
+    new_tokens = max(1, max_out_len - n_prompt)
+    which = " (edited model)" if original is not None else ""
+    busy(f"generating{which} ...")
+    turn.edited = generate(model, tok, prompt, max_new_tokens=new_tokens, **gen_kw)[0]
+    if original is None:
+        busy(None)
+        out.write(f"{turn.edited}\n")
+    else:
+        busy("generating (original model) ...")
+        with swapped_out(model, original):
+            turn.original = generate(model, tok, prompt, max_new_tokens=new_tokens, **gen_kw)[0]
+        busy(None)
+        out.write(f"[edited]   {turn.edited}\n[original] {turn.original}\n")
+    if not use_logit_lens:
+        return
+    busy("logit lens ...")
+    turn.lens = logit_lens(model, tok, prompt, top_k=lens_top_k)
+    if original is not None:
+        with swapped_out(model, original):
+            turn.original_lens = logit_lens(model, tok, prompt, top_k=lens_top_k)
+    busy(None)
+    head = f"logit lens (top {lens_top_k} next tokens per layer after {prompt!r})"
+    if original is None:
+        out.write(f"{head}:\n{format_lens(turn.lens)}\n")
+    else:
+        out.write(f"{head}, edited model:\n{format_lens(turn.lens)}\n")
+        out.write(f"{head}, original model:\n{format_lens(turn.original_lens)}\n")
 
 
 __all__ = [

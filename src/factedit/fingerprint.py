@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .hooks import named_parameter_values
+
 
 def tensor_digest(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
     """Feed a tensor's name, dtype, shape and exact bytes into ``h``."""
@@ -31,13 +33,14 @@ def module_params_fingerprint(model: nn.Module, prefixes: Iterable[str], exclude
     """Fingerprint of every parameter whose name starts with one of ``prefixes`` (the prefix
     ``""`` selects all), minus ``exclude``.
 
-    Shared (tied) parameters count once, under their first name.
+    Shared (tied) parameters count once, under their first name. Parameters offloaded by a
+    device map count with their stored values.
     """
     prefixes = tuple(prefixes)
     skip = set(exclude)
     chosen = [
         (n, p)
-        for n, p in model.named_parameters()
+        for n, p in named_parameter_values(model)
         if n not in skip and any(pre == "" or n == pre or n.startswith(pre + ".") for pre in prefixes)
     ]
     return params_fingerprint(chosen)

@@ -46,6 +46,72 @@ def get_parameter(model: nn.Module, name: str) -> nn.Parameter:
         raise LookupError(f"{type(model).__name__} has no parameter {name!r}") from exc
 
 
+def _offload_store(model: nn.Module, name: str) -> tuple[Any, str] | None:
+    """``(mapping, key)`` holding the value of a parameter that accelerate offloaded, else None.
+
+    accelerate's offloading hook keeps such a parameter on the ``meta`` device between forward
+    passes and loads it from its ``weights_map`` for each pass; the map is the parameter's
+    real storage.
+    """
+    module_name, _, local = name.rpartition(".")
+    module = get_module(model, module_name)
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        wmap = getattr(h, "weights_map", None)
+        if getattr(h, "offload", False) and wmap is not None and local in wmap:
+            return wmap, local
+    return None
+
+
+def is_offloaded(model: nn.Module, name: str) -> bool:
+    """Whether the parameter ``name`` lives in an accelerate offload store (CPU or disk)."""
+    return _offload_store(model, name) is not None
+
+
+def parameter_value(model: nn.Module, name: str) -> torch.Tensor:
+    """The current value of parameter ``name``: the parameter itself, or for a parameter that
+    accelerate offloaded, the tensor its offload store holds (on the store's device)."""
+    store = _offload_store(model, name)
+    if store is None:
+        return get_parameter(model, name)
+    wmap, key = store
+    return wmap[key]
+
+
+def named_parameter_values(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``named_parameters()`` with each offloaded parameter's stored value in place of its
+    ``meta`` placeholder (see :func:`parameter_value`); shared parameters once."""
+    for name, param in model.named_parameters():
+        store = _offload_store(model, name)
+        yield name, param if store is None else store[0][store[1]]
+
+
+def set_parameter_value(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Make ``value`` the parameter's value, bit-exactly (same dtype as the parameter).
+
+    An ordinary parameter is overwritten in place. An offloaded one gets a new entry in its
+    offload store's in-memory dictionary, which accelerate reads before its files, so the
+    user's checkpoint and offload files are never written.
+    """
+    store = _offload_store(model, name)
+    if store is None:
+        param = get_parameter(model, name)
+        with torch.no_grad():
+            param.copy_(value)
+        return
+    wmap, key = store
+    current = wmap[key]
+    new = value.detach().to(device=current.device, dtype=current.dtype).clone()
+    dataset, full = getattr(wmap, "dataset", wmap), getattr(wmap, "prefix", "") + key
+    state = getattr(dataset, "state_dict", None)
+    if isinstance(state, dict):
+        state[full] = new
+    elif hasattr(dataset, "__setitem__"):
+        dataset[full] = new
+    else:
+        raise TypeError(f"cannot write the offloaded parameter {name!r}: its store is read-only")
+
+
 def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> nn.Module:
     """Put ``new_module`` where ``name`` was and return the module it replaced."""
     old = get_module(model, name)  # a clear LookupError for a wrong name

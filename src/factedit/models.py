@@ -192,6 +192,8 @@ def load_model(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a causal language model and its tokenizer, ready for factedit.
 
@@ -202,6 +204,14 @@ def load_model(
             in the local hub cache).
         dtype: weights' dtype (default float32).
         device: where to put the model (default CPU).
+        device_map: accelerate's big-model loading instead of ``device``: ``"auto"`` (spread
+            the layers over the GPUs, then CPU memory, then disk), ``"balanced"``,
+            ``"sequential"``, or a dict from module names to devices (``0``, ``"cuda:1"``,
+            ``"cpu"``, ``"disk"``). Layers placed on ``"disk"`` (or on ``"cpu"`` while a GPU
+            runs the model) are offloaded: their weights load for each forward pass. Edits
+            to offloaded weights are kept in memory and never written to the offload files.
+        offload_folder: where ``"disk"`` layers are stored (default: a folder under the
+            factedit cache).
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode; the tokenizer with a pad token and left
@@ -216,21 +226,40 @@ def load_model(
     from transformers import AutoTokenizer
 
     torch_dtype = parse_dtype(dtype) or torch.float32
+    if device_map is not None and device is not None:
+        raise ValueError("give either device or device_map, not both (the map places every layer)")
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement = {"device_map": _check_device_map(device_map)}
+        folder = Path(offload_folder) if offload_folder is not None else cache_dir() / "offload" / f"{os.getpid()}"
+        placement["offload_folder"] = str(folder)
     kind, source = resolve_model_source(name_or_path)
     if kind == "gguf":
         source = _dequantised_dir(Path(source))
     if kind == "hub":
-        model, tok = _load_from_hub(str(source), torch_dtype)
+        model, tok = _load_from_hub(str(source), torch_dtype, placement)
     else:
         tok = AutoTokenizer.from_pretrained(source)
-        model = _auto_model_from_folder(Path(source), torch_dtype)
+        model = _auto_model_from_folder(Path(source), torch_dtype, placement)
     if device is not None:
         model.to(device)
     model.eval()
     return model, _finish_tokenizer(tok)
 
 
-def _auto_model_from_folder(folder: Path, dtype: torch.dtype) -> nn.Module:
+def _check_device_map(device_map: str | dict[str, Any]) -> str | dict[str, Any]:
+    """A clear error for a device map accelerate would reject with a less helpful message."""
+    if isinstance(device_map, str):
+        allowed = ("auto", "balanced", "balanced_low_0", "sequential")
+        if device_map not in allowed:
+            raise ValueError(f"device_map must be one of {allowed} or a dict of module -> device, got {device_map!r}")
+        return device_map
+    if not isinstance(device_map, dict) or not device_map:
+        raise ValueError(f"device_map must be a non-empty dict of module name -> device, got {device_map!r}")
+    return device_map
+
+
+def _auto_model_from_folder(folder: Path, dtype: torch.dtype, placement: dict[str, Any] | None = None) -> nn.Module:
     """``AutoModelForCausalLM`` on a local folder; a non-causal-LM config is a clear error."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -238,7 +267,7 @@ def _auto_model_from_folder(folder: Path, dtype: torch.dtype) -> nn.Module:
 
     config = AutoConfig.from_pretrained(folder)
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **(placement or {}))
     except ValueError as exc:
         # transformers answers with a list of every supported config class (thousands of
         # characters); say what the model is instead.
@@ -251,13 +280,15 @@ def _auto_model_from_folder(folder: Path, dtype: torch.dtype) -> nn.Module:
         ) from None
 
 
-def _load_from_hub(repo_id: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def _load_from_hub(repo_id: str, dtype: torch.dtype, placement: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # The local hub cache first: works offline and avoids network round trips.
     try:
         tok = AutoTokenizer.from_pretrained(repo_id, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            repo_id, dtype=dtype, local_files_only=True, **(placement or {})
+        )
         return model, tok
     except (OSError, ValueError):
         pass
@@ -270,7 +301,7 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     try:
         _check_hub_reachable()
         tok = AutoTokenizer.from_pretrained(repo_id)
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, **(placement or {}))
     except Exception as exc:  # network failures arrive as many different exception types
         raise ModelNotAvailableError(
             f"model {repo_id!r} is not available locally and could not be downloaded "
@@ -298,8 +329,35 @@ def _check_hub_reachable(timeout: float = 5.0) -> None:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (where inputs must go)."""
-    return next(model.parameters()).device
+    """Where inputs must go: the device that runs the input embedding.
+
+    For a model on one device that is the device of its parameters; for a model spread over
+    devices by a device map (accelerate), the embedding's execution device.
+    """
+    get_embed = getattr(model, "get_input_embeddings", None)
+    embed = get_embed() if callable(get_embed) else None
+    return module_device(embed if isinstance(embed, nn.Module) else model)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device on which ``module`` computes, so tensors local to it can be made there.
+
+    A module dispatched by accelerate (``device_map``) computes on its hook's execution
+    device, even when its weights are offloaded (on the ``meta`` device between calls);
+    otherwise it computes where its parameters (or buffers) are. A module without tensors of
+    its own answers for its first descendant that has any.
+    """
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            dev = getattr(h, "execution_device", None)
+            if dev is not None:
+                # accelerate stores an int for a GPU index.
+                return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+            if t.device.type != "meta":
+                return t.device
+    return torch.device("cpu")
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

@@ -11,6 +11,12 @@ class InvalidRequestError(ValueError):
     """An edit request that cannot be carried out as written."""
 
 
+class SubjectAtEndWarning(UserWarning):
+    """The subject is the last thing in the prompt, after the relation: editing is unlikely to
+    work, because the edited key is read at the subject's last token, before the model has
+    seen what is asked about the subject."""
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """One fact to write: ``prompt.format(subject)`` should be completed by ``target_new``.
@@ -52,6 +58,14 @@ class EditRequest:
     def text(self) -> str:
         """The prompt with the subject filled in."""
         return self.prompt.replace("{}", self.subject)
+
+    @property
+    def subject_at_end(self) -> bool:
+        """True when the subject is the prompt's last token (e.g. ``"Steve Jobs was the
+        founder of {}"``): the model predicts the target straight after the subject. A
+        question such as ``"Who founded {}?"`` is fine: the "?" after the subject is where
+        the answer is predicted, and ROME edits such zsRE questions well."""
+        return not self.prompt.split("{}", 1)[1].strip()
 
     @property
     def target_text(self) -> str:
@@ -150,4 +164,11 @@ def requests_to_json(requests: Iterable[EditRequest]) -> list[dict[str, Any]]:
     return [r.to_dict() for r in requests]
 
 
-__all__ = ["EditRequest", "InvalidRequestError", "as_requests", "requests_to_json", "asdict"]
+__all__ = [
+    "EditRequest",
+    "InvalidRequestError",
+    "SubjectAtEndWarning",
+    "as_requests",
+    "asdict",
+    "requests_to_json",
+]

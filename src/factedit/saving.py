@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from .fingerprint import tensor_digest
-from .hooks import get_parameter
-from .models import model_device
+from .hooks import get_module, get_parameter, parameter_value, set_parameter_value
+from .models import module_device
 from .requests import EditRequest, requests_to_json
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,32 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
         "name_or_path": getattr(config, "_name_or_path", None) or None,
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def describe_base_model(info: Mapping[str, Any]) -> str:
+    """A model's name for messages, from :func:`_model_info`'s record: its type and size, and
+    its hub id when it has one (never a local path: for packaged models that is a cache
+    folder, which says nothing to the user), e.g. ``"a llama model with 134.5M parameters"``."""
+    kind = info.get("model_type") or info.get("class") or "unknown"
+    n = info.get("num_parameters")
+    size = f" with {n / 1e6:.1f}M parameters" if isinstance(n, (int, float)) and n else ""
+    text = f"a {kind} model{size}"
+    name = info.get("name_or_path")
+    if isinstance(name, str) and name and not _is_local_path(name):
+        text += f" ({name})"
+    return text
+
+
+def _is_local_path(name: str) -> bool:
+    # Hub ids are "org/name" or "name"; anything absolute, relative-with-dots, multi-level or
+    # existing on disk is a path.
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or os.path.exists(name)
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -363,32 +389,31 @@ def load_edit(path: str | os.PathLike, *, verify: bool = True) -> SavedEdit:
 def check_base(model: nn.Module, saved: SavedEdit) -> None:
     """Raise :class:`BaseModelMismatchError`, naming the first offending parameter, unless every
     parameter the edit touches exists in ``model`` with the recorded shape, dtype and values."""
-    made_on = (
-        saved.base_model.get("name_or_path")
-        or saved.base_model.get("model_type")
-        or "another model"
-    )
+    made_on = describe_base_model(saved.base_model)
+    here = describe_base_model(_model_info(model))
     for p in saved.fingerprint["params"]:
         name = p["name"]
         try:
             param = get_parameter(model, name)
         except LookupError:
             raise BaseModelMismatchError(
-                f"this edit was made on {made_on}; {type(model).__name__} has no parameter {name!r}"
+                f"this edit was made on {made_on}; this model ({here}) has no parameter {name!r}"
             ) from None
         if list(param.shape) != list(p["shape"]) or _dtype_name(param.dtype) != p["dtype"]:
             raise BaseModelMismatchError(
-                f"this edit was made on {made_on}: parameter {name!r} there is "
-                f"{p['dtype']}{tuple(p['shape'])}, here {_dtype_name(param.dtype)}{tuple(param.shape)}"
+                f"this edit was made on {made_on}, not on this model ({here}): parameter "
+                f"{name!r} there is {p['dtype']}{tuple(p['shape'])}, here "
+                f"{_dtype_name(param.dtype)}{tuple(param.shape)}"
             )
-        if _sha256_tensor(name, param) != p["sha256"]:
+        if _sha256_tensor(name, parameter_value(model, name)) != p["sha256"]:
             hint = (
                 f"; apply the edit(s) it was made on top of first ({len(saved.applied_before)} recorded)"
                 if saved.applied_before
                 else ""
             )
             raise BaseModelMismatchError(
-                f"parameter {name!r} differs from the weights this edit was made on ({made_on}): "
+                f"parameter {name!r} differs from the weights this edit was made on ({made_on}; "
+                f"this model: {here}): "
                 f"a different base model, another edit already applied, or a changed model{hint}. "
                 "The model was not changed."
             )
@@ -407,7 +432,7 @@ class AppliedEdit:
         self.original = original
         self.edit_id = saved.edit_id
         self.reverted = False
-        self._after = {n: _sha256_tensor(n, get_parameter(model, n)) for n in original}
+        self._after = {n: _sha256_tensor(n, parameter_value(model, n)) for n in original}
 
     @property
     def orig_weights(self) -> dict[str, torch.Tensor]:
@@ -428,7 +453,7 @@ class AppliedEdit:
         changed = [
             n
             for n, h in self._after.items()
-            if _sha256_tensor(n, get_parameter(self.model, n)) != h
+            if _sha256_tensor(n, parameter_value(self.model, n)) != h
         ]
         if changed:
             raise RevertOrderError(
@@ -437,7 +462,7 @@ class AppliedEdit:
             )
         with torch.no_grad():
             for name, value in self.original.items():
-                get_parameter(self.model, name).copy_(value)
+                set_parameter_value(self.model, name, value)
         if self in stack:
             stack.remove(self)
         self.reverted = True
@@ -483,15 +508,16 @@ def apply_edit(model: nn.Module, edit: SavedEdit | str | os.PathLike) -> Applied
 
     saved = edit if isinstance(edit, SavedEdit) else load_edit(edit)
     check_base(model, saved)
-    device = model_device(model)
     editor = WeightEditor(model)
     try:
         for step in saved.steps:
-            # Same device as the in-memory edit had, so the product is formed identically.
+            # Same device as the in-memory edit had (the device that computes the parameter's
+            # layer), so the product is formed identically.
+            devices = {n: module_device(get_module(model, n.rpartition(".")[0])) for n in step}
             moved = {
-                n: LowRankDelta(d.left.to(device), d.right.to(device))
+                n: LowRankDelta(d.left.to(devices[n]), d.right.to(devices[n]))
                 if isinstance(d, LowRankDelta)
-                else d.to(device)
+                else d.to(devices[n])
                 for n, d in step.items()
             }
             editor.apply(moved)

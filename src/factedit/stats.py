@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from .arch import ModelArch, describe
 from .corpus import Corpus, as_corpus
 from .fingerprint import module_params_fingerprint
-from .hooks import Trace, as_batch_seq
+from .hooks import Trace, as_batch_seq, get_module
 from .models import cache_dir as default_cache_dir
-from .models import max_positions, model_device, model_dtype
+from .models import max_positions, model_device, model_dtype, module_device
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,25 @@ def _fit_seq_len(model: nn.Module, seq_len: int) -> int:
     return min(seq_len, limit) if limit else seq_len
 
 
+def _process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the default torch.distributed group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sums(acc: torch.Tensor, total: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The reduction step: sum every rank's partial sums (float64) and token counts."""
+    import torch.distributed as dist
+
+    n = torch.tensor([float(count)], dtype=torch.float64, device=acc.device)
+    for t in (acc, total, n):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return acc, total, int(n.item())
+
+
 @torch.no_grad()
 def compute_second_moment(
     model: nn.Module,
@@ -124,37 +143,58 @@ def compute_second_moment(
     seq_len: int = DEFAULT_SEQ_LEN,
     batch_rows: int = 8,
     progress: bool = True,
+    distributed: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Compute ``(E[k kᵀ], E[k], count)`` for the projection input at ``layer``, uncached.
 
-    The model is unchanged; its forward pass stops right after the projection.
+    The model is unchanged; its forward pass stops right after the projection. Inputs go to
+    the device that runs the embedding; the sums are kept on the device that computes the
+    projection (they differ when a device map spreads the model), in float64 whatever the
+    model's dtype.
+
+    ``distributed``: when a torch.distributed process group is initialised, each rank
+    measures every ``world``-th token row and the partial sums are all-reduced, so every rank
+    returns the statistics of all rows (the same as one process, up to float32 rounding of
+    the per-batch products). All ranks must call it with the same arguments.
+
+    ``rows``: token rows already made by :func:`packed_token_rows` (``-1`` = padding), to
+    skip tokenising (``corpus``, ``tokens`` and ``seq_len`` are then ignored).
     """
     arch = arch or describe(model)
     arch.layer_name(layer)  # range check
-    corpus = as_corpus(corpus)
-    seq_len = _fit_seq_len(model, seq_len)
-    rows = packed_token_rows(tok, corpus, tokens, seq_len)
+    if rows is None:
+        rows = packed_token_rows(tok, as_corpus(corpus), tokens, _fit_seq_len(model, seq_len))
+    rank, world = _process_group() if distributed else (0, 1)
+    # Strided rows: every rank gets the same number of full rows, give or take one.
+    rows = rows[rank::world]
     device = model_device(model)
     d = arch.mlp_size
-    acc = torch.zeros(d, d, dtype=torch.float64, device=device)
-    total = torch.zeros(d, dtype=torch.float64, device=device)
-    count = 0
     name = arch.mlp_out_name(layer)
+    acc_device = module_device(get_module(model, name))
+    acc = torch.zeros(d, d, dtype=torch.float64, device=acc_device)
+    total = torch.zeros(d, dtype=torch.float64, device=acc_device)
+    count = 0
     bar = tqdm(total=int((rows >= 0).sum()), unit="tok", desc=f"stats layer {layer}", disable=not progress)
     for s in range(0, rows.shape[0], batch_rows):
         batch = rows[s : s + batch_rows]
         mask = batch >= 0
-        ids = batch.clamp(min=0).to(device)
+        n_tok = int(mask.sum())  # counted on the host, before the batch moves
+        ids = batch.clamp(min=0).to(device, non_blocking=True)
         with Trace(model, name, retain_input=True, retain_output=False, stop=True) as tr:
             model(input_ids=ids, attention_mask=mask.long().to(device), use_cache=False)
-        k = as_batch_seq(tr.input, *ids.shape)[mask.to(device)]
+        # Zeroing padded positions instead of selecting the valid ones avoids a device-to-host
+        # synchronisation per batch; padded rows add zeros to the sums.
+        weight = mask.reshape(-1, 1).to(acc_device, torch.float32, non_blocking=True)
+        kf = as_batch_seq(tr.input, *ids.shape).reshape(-1, d).to(acc_device, torch.float32) * weight
         # Per-batch products in float32 are exact enough; the running sum is float64.
-        kf = k.float()
         acc += (kf.T @ kf).double()
         total += kf.sum(0).double()
-        count += k.shape[0]
-        bar.update(k.shape[0])
+        count += n_tok
+        bar.update(n_tok)
     bar.close()
+    if world > 1:
+        acc, total, count = _all_reduce_sums(acc, total, count)
     return (acc / count), (total / count), count
 
 
@@ -171,17 +211,23 @@ def layer_stats(
     use_cache: bool = True,
     progress: bool = True,
     memo: dict[str, Any] | None = None,
+    distributed: bool = False,
 ) -> SecondMoment:
     """E[k kᵀ] of the MLP output projection's inputs at ``layer``, from the cache when possible.
 
     The cache file is ``<cache_dir>/stats/<key>.safetensors``; ``key`` covers everything the
-    value depends on (see the module docstring). Writes are atomic, so concurrent or
-    interrupted runs never leave a half-written file.
+    value depends on (see the module docstring) and not the number of processes. Writes are
+    atomic, so concurrent or interrupted runs never leave a half-written file. The result is
+    on the device that computes the projection.
 
     ``memo`` (a dict the caller holds, e.g. :attr:`EditContext.memo`) keeps the result in
     memory, valid while none of the weights it depends on is modified in place (tracked
     through the tensors' version counters), so repeated edits neither re-read the file nor
     re-hash the weights.
+
+    ``distributed``: with an initialised torch.distributed process group, the ranks share
+    the work (see :func:`compute_second_moment`); they use the cache when rank 0 finds it,
+    and only rank 0 writes it. Every rank must call this with the same arguments.
     """
     arch = arch or describe(model)
     arch.layer_name(layer)
@@ -203,8 +249,20 @@ def layer_stats(
     key = stats_key(model, arch, layer, corpus, tokens, seq_len)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stats"
     path = folder / f"{key}.safetensors"
-    device = model_device(model)
-    if use_cache and path.is_file():
+    device = module_device(get_module(model, arch.mlp_out_name(layer)))
+    rank, world = _process_group() if distributed else (0, 1)
+    cached = use_cache and path.is_file()
+    if world > 1:
+        # Every rank must take the same branch (the computation is collective); rank 0's
+        # view of the cache decides, for ranks on machines that do not share it.
+        import torch.distributed as dist
+
+        flag = [cached]
+        dist.broadcast_object_list(flag, src=0)
+        cached = bool(flag[0]) and path.is_file()
+        if rank != 0 and bool(flag[0]) and not cached:
+            raise FileNotFoundError(f"rank 0 has the statistics {path} in its cache but rank {rank} does not see it")
+    if cached:
         data = load_file(path)
         meta = json.loads((folder / f"{key}.json").read_text()) if (folder / f"{key}.json").is_file() else {}
         result = SecondMoment(
@@ -216,11 +274,12 @@ def layer_stats(
         return result
     t0 = time.perf_counter()
     mom2, mean, count = compute_second_moment(
-        model, tok, layer, arch=arch, corpus=corpus, tokens=tokens, seq_len=seq_len, progress=progress
-    )
+        model, tok, layer, arch=arch, corpus=corpus, tokens=tokens, seq_len=seq_len,
+        progress=progress and rank == 0, distributed=distributed,
+    )  # fmt: skip
     seconds = time.perf_counter() - t0
     log.info("layer %d statistics: %d tokens in %.1f s (%.0f tokens/s)", layer, count, seconds, count / seconds)
-    if use_cache:
+    if use_cache and rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         save_file(

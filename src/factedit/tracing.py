@@ -43,7 +43,7 @@ from torch import nn
 
 from .arch import ModelArch, describe
 from .hooks import TraceDict, first_tensor, get_module, with_first_tensor
-from .models import model_device
+from .models import model_device, module_device
 from .tokens import subject_token_range
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,32 @@ def _window_layers(layer: int, window: int, n_layers: int) -> range:
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
+#: Below this probability, a traced top prediction is warned about (it may not be the fact the
+#: user has in mind: "The Space Needle is located in the city of" -> " New", p = 0.12, on the
+#: default model).
+UNSURE_PROB = 0.3
+
+
+class AnswerNotPredictedError(ValueError):
+    """The given answer is not the model's top prediction after the prompt (tracing it would
+    measure how a corruption changes an answer the model does not give). Attributes hold what
+    a front end needs to phrase its own message."""
+
+    def __init__(self, prompt: str, answer: str, top: str, top_prob: float, answer_prob: float):
+        self.prompt, self.answer, self.top, self.top_prob, self.answer_prob = (
+            prompt, answer, top, top_prob, answer_prob,
+        )  # fmt: skip
+        super().__init__(self.describe("pass allow_any_answer=True"))
+
+    def describe(self, how_to_override: str) -> str:
+        """The message, ending with ``how_to_override`` (e.g. ``"give --allow-any-answer"``)."""
+        return (
+            f"the model does not predict {self.answer!r} after {self.prompt!r}: its top "
+            f"prediction is {self.top!r} (p={self.top_prob:.3f}, answer p={self.answer_prob:.3g}); "
+            f"{how_to_override} to trace it anyway"
+        )
+
+
 def _answer_token_id(tok: Any, prompt: str, answer: str | int) -> int:
     if isinstance(answer, int):
         return answer
@@ -290,23 +316,35 @@ class CausalTracer:
             TraceDict(model, [n for k in KINDS for n in names[k]], clone=True, detach=True) as td,
         ):
             probs = self._last_probs(self._input)[0]
-        # clean[kind]: (layers, tokens, hidden) states of the clean run, on the model's device.
+        # clean[kind]: (layers, tokens, hidden) states of the clean run, on the inputs' device
+        # (layers may compute on other devices under a device map).
         self.clean = {
-            k: torch.stack([first_tensor(td[n].output)[0] for n in names[k]]) for k in KINDS
+            k: torch.stack([first_tensor(td[n].output)[0].to(self._device) for n in names[k]])
+            for k in KINDS
         }
         top = int(probs.argmax())
+        #: True when the answer was not given and the model's own top prediction is traced.
+        self.answer_is_top_prediction = answer is None
         if answer is None:
             self.answer_id = top
         else:
             self.answer_id = _answer_token_id(tok, prompt, answer)
             if self.answer_id != top and not allow_any_answer:
-                raise ValueError(
-                    f"the model does not predict {answer!r} after {prompt!r}: its top prediction "
-                    f"is {tok.decode([top])!r} (p={probs[top]:.3f}, answer p="
-                    f"{probs[self.answer_id]:.3g}); pass allow_any_answer=True to trace it anyway"
-                )
+                raise AnswerNotPredictedError(
+                    prompt, str(answer), tok.decode([top]), float(probs[top]),
+                    float(probs[self.answer_id]),
+                )  # fmt: skip
         self.answer = tok.decode([self.answer_id])
         self.clean_prob = float(probs[self.answer_id])
+        if answer is None:
+            if self.clean_prob < UNSURE_PROB:
+                log.warning(
+                    "tracing the model's top prediction %r after %r, but the model is unsure "
+                    "(p=%.3f): it may not be the fact you mean; give the expected answer to "
+                    "trace it", self.answer, prompt, self.clean_prob,
+                )  # fmt: skip
+            else:
+                log.info("tracing the model's top prediction %r (p=%.3f)", self.answer, self.clean_prob)
 
         s, e = self.subject_range
         gen = torch.Generator().manual_seed(self.seed)
@@ -360,10 +398,13 @@ class CausalTracer:
                 rows, toks = patches.setdefault(layer, ([], []))
                 rows.extend(range(g * k, (g + 1) * k))
                 toks.extend([t] * k)
-        index = {
-            layer: (torch.tensor(r, device=self._device), torch.tensor(t, device=self._device))
-            for layer, (r, t) in patches.items()
-        }
+        index = {}
+        for layer, (r, t) in patches.items():
+            # Indices and clean states where the patched layer computes, made once per call.
+            dev = module_device(get_module(self.model, self._names[kind][layer]))
+            toks_t = torch.tensor(t, device=dev)
+            clean = self.clean[kind][layer].to(dev)[toks_t]
+            index[layer] = (torch.tensor(r, device=dev), toks_t, clean)
         s, e = self.subject_range
         noise = self.noise.repeat(n_sets, 1, 1)
         embed_name = self.arch.embed
@@ -372,13 +413,11 @@ class CausalTracer:
             h = first_tensor(output)
             if name == embed_name:
                 h = h.clone()
-                h[:, s:e] += noise.to(h.dtype)
+                h[:, s:e] += noise.to(h.device, h.dtype)
                 return with_first_tensor(output, h)
-            rows, toks = index[self._where[name][1]]
+            rows, toks, clean = index[self._where[name][1]]
             # Out of place: the model may still hold the unpatched tensor (e.g. a residual).
-            return with_first_tensor(
-                output, h.index_put((rows, toks), self.clean[kind][self._where[name][1], toks])
-            )
+            return with_first_tensor(output, h.index_put((rows, toks), clean))
 
         names = [embed_name] + [self._names[kind][layer] for layer in sorted(index)]
         with TraceDict(self.model, names, retain_output=False, edit_output=edit):

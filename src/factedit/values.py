@@ -23,6 +23,7 @@ request names none): this is what stops an edit from leaving a strongly known fa
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from .hooks import (
     replace_module,
     with_first_tensor,
 )
-from .models import model_device, parse_dtype
+from .models import model_device, module_device, parse_dtype
 from .requests import EditRequest
 from .tokens import encode_target, subject_token_range
 
@@ -65,6 +66,8 @@ class ValueConfig:
         replay_lower_layers: compute the blocks below the layer once and replay them.
         margin: the log-probability by which the new target's first token must beat the old
             one's on every prompt before a request counts as done (``None`` disables the check).
+        prefix_cache: compute the columns before the subject's last token once (keys and
+            values of every layer) and run only the rest at each step; same values, less work.
     """
 
     steps: int = 20
@@ -77,11 +80,13 @@ class ValueConfig:
     dtype: str | None = None
     replay_lower_layers: bool = True
     margin: float | None = 0.0
+    prefix_cache: bool = True
 
     @classmethod
     def from_hparams(cls, hp: Any, **overrides: Any) -> ValueConfig:
         """From a method's hyperparameters with the ``v_*`` field names of ROME/MEMIT."""
         margin = getattr(hp, "value_margin", 0.0)
+        prefix_cache = getattr(hp, "prefix_cache", True)
         cfg = cls(
             steps=hp.v_num_grad_steps,
             lr=hp.v_lr,
@@ -93,6 +98,7 @@ class ValueConfig:
             dtype=hp.value_dtype,
             replay_lower_layers=hp.replay_lower_layers,
             margin=margin,
+            prefix_cache=prefix_cache,
         )
         return cls(**{**cfg.__dict__, **overrides}) if overrides else cfg
 
@@ -132,26 +138,34 @@ class ValueResult:
 
 @dataclass
 class _Rows:
-    """Every request's prompts in one left-padded batch.
+    """Every request's prompts in one batch, aligned on the subject's last token.
 
     Row kinds: rewrite rows (a template filled with the request's prompt, followed by the new
-    target's tokens but the last) and KL rows (a KL prompt filled with the subject).
+    target's tokens but the last) and KL rows (a KL prompt filled with the subject). Each row
+    is left-padded up to its subject's last token, which sits at column ``split`` in every
+    row, and right-padded after its last token. Columns before ``split`` do not depend on δ
+    (the model is causal), so their keys and values can be computed once.
     """
 
     input_ids: torch.Tensor  # (rows, width)
     attention_mask: torch.Tensor
-    subject_pos: torch.Tensor  # (rows,) the subject's last token
+    split: int  # the column of every row's subject-last token
     request: torch.Tensor  # (rows,) request index
     is_kl: torch.Tensor  # (rows,) bool
+    last_pos: torch.Tensor  # (rows,) column of each row's last real token
     bare: torch.Tensor  # (requests,) the row of each request's bare ("{}") prompt
-    # Flattened NLL terms: (row, position, token, weight) with weights 1/(len(target)·n_templates).
+    # Flattened NLL terms: (row, column, token, weight) with weights 1/(len(target)·n_templates).
     nll_row: torch.Tensor
     nll_pos: torch.Tensor
     nll_tok: torch.Tensor
     nll_w: torch.Tensor
-    first_pos: torch.Tensor  # (rows,) position predicting the target's first token (rewrite rows)
+    first_pos: torch.Tensor  # (rows,) column predicting the target's first token
     new_first: torch.Tensor  # (requests,) first token of the new target
     old_first: torch.Tensor  # (requests,) first token of the old target, -1 if none/same
+
+    @property
+    def subject_pos(self) -> torch.Tensor:
+        return torch.full((self.input_ids.shape[0],), self.split, dtype=torch.long)
 
 
 def _fill(template: str, text: str) -> tuple[str, int]:
@@ -167,8 +181,9 @@ def build_rows(
     old_first: Sequence[int | None],
 ) -> _Rows:
     """Tokenise every request's rewrite and KL prompts into one batch (see :class:`_Rows`)."""
-    rows: list[list[int]] = []
-    meta: list[tuple[int, int, bool, int]] = []  # request, subject end (from row end), kl, suffix len
+    heads: list[list[int]] = []  # tokens before the subject's last token
+    tails: list[list[int]] = []  # from the subject's last token to the row's end
+    meta: list[tuple[int, bool, int]] = []  # request, kl, prompt tokens in the tail
     targets = []
     for j, r in enumerate(requests):
         tid = encode_target(tok, r.target_text)
@@ -180,27 +195,29 @@ def build_rows(
             kl = i >= len(templates)
             ids = tok(text)["input_ids"]
             _, end = subject_token_range(tok, text, r.subject, start_char=start)
-            suffix = [] if kl else tid[:-1]
-            rows.append(ids + suffix)
-            meta.append((j, end - 1 - len(ids) - len(suffix), kl, len(suffix)))
-    width = max(len(r) for r in rows)
+            heads.append(ids[: end - 1])
+            tails.append(ids[end - 1 :] + ([] if kl else tid[:-1]))
+            meta.append((j, kl, len(ids) - end + 1))
+    split = max(len(h) for h in heads)
+    width = split + max(len(t) for t in tails)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids_t = torch.full((len(rows), width), pad, dtype=torch.long)
+    ids_t = torch.full((len(heads), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids_t)
-    subj, req, is_kl, first = [], [], [], []
+    req, is_kl, first, last = [], [], [], []
     nll_row, nll_pos, nll_tok, nll_w = [], [], [], []
     bare: list[int] = [-1] * len(requests)
     bare_index = list(templates).index("{}") if "{}" in templates else 0
     seen: dict[int, int] = {}
-    for i, (row, (j, s_from_end, kl, n_suffix)) in enumerate(zip(rows, meta, strict=True)):
-        off = width - len(row)
-        ids_t[i, off:] = torch.tensor(row)
-        mask[i, off:] = 1
-        subj.append(width + s_from_end)
+    for i, (head, tail, (j, kl, n_prompt_tail)) in enumerate(zip(heads, tails, meta, strict=True)):
+        row = head + tail
+        lo = split - len(head)
+        ids_t[i, lo : lo + len(row)] = torch.tensor(row)
+        mask[i, lo : lo + len(row)] = 1
         req.append(j)
         is_kl.append(kl)
-        prompt_last = width - 1 - n_suffix
+        prompt_last = split + n_prompt_tail - 1
         first.append(prompt_last)
+        last.append(lo + len(row) - 1)
         if not kl:
             k = seen.get(j, 0)
             seen[j] = k + 1
@@ -215,9 +232,9 @@ def build_rows(
     new_first = [t[0] for t in targets]
     old = [(-1 if (o is None or o == nf) else o) for o, nf in zip(old_first, new_first, strict=True)]
     return _Rows(
-        ids_t, mask, torch.tensor(subj), torch.tensor(req), torch.tensor(is_kl), torch.tensor(bare),
-        torch.tensor(nll_row), torch.tensor(nll_pos), torch.tensor(nll_tok), torch.tensor(nll_w),
-        torch.tensor(first), torch.tensor(new_first), torch.tensor(old),
+        ids_t, mask, split, torch.tensor(req), torch.tensor(is_kl), torch.tensor(last),
+        torch.tensor(bare), torch.tensor(nll_row), torch.tensor(nll_pos), torch.tensor(nll_tok),
+        torch.tensor(nll_w), torch.tensor(first), torch.tensor(new_first), torch.tensor(old),
     )  # fmt: skip
 
 
@@ -265,13 +282,6 @@ def _replayed_blocks(model: nn.Module, arch: ModelArch, outputs: list[Any]) -> I
             replace_module(model, arch.layer_name(i), block)
 
 
-def module_device(module: nn.Module) -> torch.device:
-    """Where a module's parameters live (a layer's own device, also under a device map)."""
-    for p in module.parameters():
-        return p.device
-    raise ValueError("module has no parameters")
-
-
 # ---- the optimisation ---------------------------------------------------------------------
 
 
@@ -304,16 +314,32 @@ def optimize_values(
     if cfg.margin is None:
         old_first = [None] * len(requests)
     in_device = model_device(model)
+    # δ lives where the edited layer computes, the losses where the unembedding does (they
+    # differ when a device map spreads the model over devices).
     device = module_device(get_module(model, arch.mlp_name(layer)))
+    out_device = module_device(get_module(model, arch.unembed))
     b = build_rows(tok, requests, templates, cfg.kl_prompts, old_first)
     n_rows, n_req = b.input_ids.shape[0], len(requests)
-    ids_all, mask_all = b.input_ids.to(in_device), b.attention_mask.to(in_device)
-    subj_all, req_all = b.subject_pos.to(device), b.request.to(device)
-    kl_all = b.is_kl.to(device)
+    autocast_dtype = parse_dtype(cfg.dtype)
+
+    def autocast() -> Any:
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+
+    # The columns before the subject's last token do not depend on δ: when the model's cache
+    # allows it, their keys and values are computed once and each step runs only the rest.
+    prefix = _PrefixCache.build(model, arch, b, in_device, autocast) if cfg.prefix_cache else None
+    offset = b.split if prefix is not None else 0
+    ids_all = b.input_ids[:, offset:].to(in_device)
+    mask_all = b.attention_mask.to(in_device)  # always the full width: the cache covers the rest
+    req_all, kl_all = b.request.to(device), b.is_kl.to(device)
     new_first, old_first_t = b.new_first.to(device), b.old_first.to(device)
-    nll_row, nll_pos = b.nll_row.to(device), b.nll_pos.to(device)
+    nll_row, nll_pos = b.nll_row.to(device), (b.nll_pos - offset).to(device)
     nll_tok, nll_w = b.nll_tok.to(device), b.nll_w.to(device)
-    first_pos_all = b.first_pos.to(device)
+    first_pos_all = (b.first_pos - offset).to(device)
+    last_pos_all = (b.last_pos - offset).to(device)
+    subj_col = b.split - offset
 
     deltas = [
         (init[j].detach().clone().float().to(device) if init is not None and init[j] is not None
@@ -322,24 +348,35 @@ def optimize_values(
     ]  # fmt: skip
     v0 = torch.zeros(n_req, arch.hidden_size, device=device)
     mlp_name, norm_name = arch.mlp_name(layer), arch.final_norm
-    autocast_dtype = parse_dtype(cfg.dtype)
+    state: dict[str, Any] = {}
+
+    def run(names_stop: list[str] | None = None, edit: Any = None) -> TraceDict:
+        kwargs: dict[str, Any] = {"input_ids": state["ids"], "attention_mask": state["mask"]}
+        if prefix is not None:
+            kwargs.update(prefix.forward_kwargs(state["rows"]))
+        else:
+            kwargs["use_cache"] = False
+        names = names_stop or [mlp_name, norm_name]
+        with autocast(), TraceDict(model, names, edit_output=edit, stop=True, detach=edit is None) as td:
+            model(**kwargs)
+        return td
 
     replay: list[Any] = []
     if cfg.replay_lower_layers and layer > 0:
+        state.update(rows=torch.arange(n_rows), ids=ids_all, mask=mask_all)
         names = [arch.layer_name(i) for i in range(layer)]
-        with torch.no_grad(), TraceDict(model, names, stop=True, detach=True) as td:
-            model(input_ids=ids_all, attention_mask=mask_all, use_cache=False)
+        with torch.no_grad():
+            td = run(names)
         replay = [td[n].output for n in names]
 
     active = torch.ones(n_req, dtype=torch.bool)
-    state: dict[str, Any] = {}
 
     def select(rows: torch.Tensor) -> None:
         """Make ``rows`` (indices into the full batch) the current batch."""
         state["rows"] = rows
-        rows_d = rows.to(device)
-        state["ids"], state["mask"] = ids_all[rows.to(in_device)], mask_all[rows.to(in_device)]
-        state["subj"], state["req"] = subj_all[rows_d], req_all[rows_d]
+        rows_in, rows_d = rows.to(in_device), rows.to(device)
+        state["ids"], state["mask"] = ids_all[rows_in], mask_all[rows_in]
+        state["req"] = req_all[rows_d]
         # Map full-batch row indices to positions in the current batch.
         where = torch.full((n_rows,), -1, dtype=torch.long, device=device)
         where[rows_d] = torch.arange(len(rows), device=device)
@@ -351,43 +388,36 @@ def optimize_values(
         state["rw_req"] = req_all[rows_d][rw]
         kl = kl_all[rows_d]
         state["kl_local"] = torch.nonzero(kl).squeeze(1)
+        state["kl_pos"] = last_pos_all[rows_d][kl]
         state["kl_req"] = req_all[rows_d][kl]
         for stand_in in state.get("replays", []):
-            stand_in.select(rows.to(in_device), n_rows)
+            stand_in.select(rows_in, n_rows)
 
     def add_delta(output: Any, name: str) -> Any:
         if name != mlp_name:
             return output
         flat = first_tensor(output)
         h = as_batch_seq(flat, *state["ids"].shape)
-        r = torch.arange(h.shape[0], device=h.device)
         if state.get("capture_v0"):
             bare_local = state["bare_local"]
-            v0[state["req"][bare_local]] = h[bare_local, state["subj"][bare_local]].detach().float()
+            v0[state["req"][bare_local]] = h[bare_local, subj_col].detach().float()
         d = torch.stack(deltas)[state["req"]].to(h.dtype)
         h = h.clone()
-        h[r, state["subj"]] = h[r, state["subj"]] + d
+        h[:, subj_col] = h[:, subj_col] + d
         return with_first_tensor(output, h.view(flat.shape))
 
     def forward() -> torch.Tensor:
-        ctx = (
-            torch.autocast(device_type=device.type, dtype=autocast_dtype)
-            if autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with ctx, TraceDict(model, [mlp_name, norm_name], edit_output=add_delta, stop=True) as td:
-            model(input_ids=state["ids"], attention_mask=state["mask"], use_cache=False)
-        return first_tensor(td[norm_name].output)
+        return first_tensor(run(None, add_delta)[norm_name].output)
 
     def logits_at(h: torch.Tensor, r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return arch.logits_from_normed(model, h[r, p].to(device)).float()
+        at = h.device
+        return arch.logits_from_normed(model, h[r.to(at), p.to(at)].to(out_device)).float().to(device)
 
     def per_request(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return torch.zeros(n_req, device=device).index_add(0, index, values)
 
     results: list[ValueResult | None] = [None] * n_req
     nll_first = torch.full((n_req,), float("nan"))
-    steps_taken = torch.zeros(n_req, dtype=torch.long)
     opt = torch.optim.Adam(deltas, lr=cfg.lr)
     bar = None
     if progress:
@@ -406,55 +436,45 @@ def optimize_values(
             state["capture_v0"] = True
             h0 = forward()
             state["capture_v0"] = False
-            kl_ref_all = torch.log_softmax(
-                logits_at(h0, state["kl_local"], torch.full_like(state["kl_local"], b.input_ids.shape[1] - 1)),
-                dim=-1,
-            )
+            kl_ref_all = torch.log_softmax(logits_at(h0, state["kl_local"], state["kl_pos"]), dim=-1)
             kl_ref_req = state["kl_req"]
-            for d, s in zip(deltas, saved, strict=True):
-                d.copy_(s)
+            for d, sv in zip(deltas, saved, strict=True):
+                d.copy_(sv)
         v0_norm2 = v0.norm(dim=1) ** 2
         max_norm = cfg.clamp_norm_factor * v0.norm(dim=1)
         for step in range(cfg.steps):
-            act_idx = torch.nonzero(active).squeeze(1)
+            act_idx = torch.nonzero(active).squeeze(1).tolist()
             opt.zero_grad(set_to_none=True)
             h = forward()
             r, p, t, w, rq = state["nll"]
             lp = torch.log_softmax(logits_at(h, r, p), dim=-1)
             nll = per_request(-lp[torch.arange(len(t), device=device), t] * w, rq)
             # Margin of the new target's first token over the old one's, worst prompt.
-            flp = torch.log_softmax(logits_at(h, state["rw_local"], state["rw_first"]), dim=-1)
+            flp = torch.log_softmax(logits_at(h, state["rw_local"], state["rw_first"]), dim=-1).detach()
             rw_req = state["rw_req"]
+            ar = torch.arange(len(rw_req), device=device)
             old = old_first_t[rw_req]
-            gap = flp[torch.arange(len(rw_req), device=device), new_first[rw_req]] - torch.where(
-                old >= 0, flp[torch.arange(len(rw_req), device=device), old.clamp(min=0)], torch.full_like(old, -1e9, dtype=flp.dtype)
-            )
-            worst = torch.full((n_req,), float("inf"), device=device).scatter_reduce(0, rw_req, gap.detach(), "amin")
-            # KL against the unshifted model at each KL prompt's last position.
-            kl_lp = torch.log_softmax(
-                logits_at(h, state["kl_local"], torch.full_like(state["kl_local"], b.input_ids.shape[1] - 1)), dim=-1
-            )
+            gap = flp[ar, new_first[rw_req]] - torch.where(old >= 0, flp[ar, old.clamp(min=0)], torch.full_like(flp[ar, 0], -1e9))
+            worst = torch.full((n_req,), float("inf"), device=device).scatter_reduce(0, rw_req, gap, "amin")
+            # KL against the unshifted model at each KL prompt's last token.
+            kl_lp = torch.log_softmax(logits_at(h, state["kl_local"], state["kl_pos"]), dim=-1)
             ref = kl_ref_all[_positions_in(kl_ref_req, state["kl_req"])]
             kl_terms = torch.nn.functional.kl_div(kl_lp, ref, log_target=True, reduction="none").sum(-1)
-            n_kl = max(len(cfg.kl_prompts), 1)
-            kl = per_request(kl_terms / n_kl, state["kl_req"])
-            dnorm2 = torch.stack([d.norm() ** 2 for d in deltas])
-            wd = cfg.weight_decay * dnorm2 / v0_norm2
-            nll_d = nll.detach().cpu()
-            worst_c = worst.cpu()
-            for j in act_idx.tolist():
-                if steps_taken[j] == 0 and torch.isnan(nll_first[j]):
+            kl = per_request(kl_terms / max(len(cfg.kl_prompts), 1), state["kl_req"])
+            wd = cfg.weight_decay * torch.stack([d.norm() ** 2 for d in deltas]) / v0_norm2
+            nll_d, worst_c = nll.detach().cpu(), worst.cpu()
+            for j in act_idx:
+                if torch.isnan(nll_first[j]):
                     nll_first[j] = nll_d[j]
-                steps_taken[j] = step + 1
-            margin_ok = (worst_c > (cfg.margin or 0.0)) if cfg.margin is not None else torch.ones(n_req, dtype=torch.bool)
+            margin_ok = worst_c > (cfg.margin or 0.0) if cfg.margin is not None else torch.ones(n_req, dtype=torch.bool)
             now_done = active & (nll_d < cfg.early_stop_loss) & margin_ok
             last = step == cfg.steps - 1
-            for j in act_idx.tolist():
+            for j in act_idx:
                 if now_done[j] or last:
                     results[j] = ValueResult(
                         delta=deltas[j].detach().clone(),
                         v0=v0[j].clone(),
-                        steps=int(steps_taken[j]),
+                        steps=step + 1,
                         nll_first=float(nll_first[j]),
                         nll=float(nll_d[j]),
                         margin=float(worst_c[j]),
@@ -467,8 +487,7 @@ def optimize_values(
                 bar.set_postfix(active=int(active.sum()), nll=f"{float(nll_d[act_idx].mean()):.3f}")
             if last or not active.any():
                 break
-            mask = active.to(device)
-            loss = ((nll + cfg.kl_factor * kl + wd) * mask).sum()
+            loss = ((nll + cfg.kl_factor * kl + wd) * active.to(device)).sum()
             loss.backward()
             for j in range(n_req):
                 if not active[j]:
@@ -479,14 +498,60 @@ def optimize_values(
                     n = deltas[j].norm()
                     if n > max_norm[j]:
                         deltas[j].mul_(max_norm[j] / n)
-            if not now_done.any():
-                continue
-            # Requests that converged leave the batch.
-            keep_rows = torch.nonzero(active[b.request]).squeeze(1)
-            select(keep_rows)
+            if now_done.any():
+                # Requests that converged leave the batch.
+                select(torch.nonzero(active[b.request]).squeeze(1))
     if bar is not None:
         bar.close()
     return results  # type: ignore[return-value]
+
+
+class _PrefixCache:
+    """Keys and values of the columns before ``split`` for every layer, computed once.
+
+    Each step runs the model on the remaining columns with a fresh cache holding these
+    prefixes (sliced to the rows in the batch). Only built for caches whose layers are plain
+    growing key/value stores; other models (sliding-window or recurrent layers) take the
+    full-width path, which gives the same values.
+    """
+
+    def __init__(self, model: nn.Module, cache: Any, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        self.model, self.cache, self.layers, self.mask = model, cache, layers, mask
+        self.kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @classmethod
+    def build(cls, model: nn.Module, arch: ModelArch, b: _Rows, in_device: torch.device, autocast: Any) -> _PrefixCache | None:
+        if b.split == 0:
+            return None
+        try:
+            from transformers.cache_utils import DynamicCache, DynamicLayer
+        except ImportError:  # pragma: no cover - older transformers
+            return None
+        config = getattr(model, "config", None)
+        try:
+            cache = DynamicCache(config=config)
+        except Exception:  # noqa: BLE001 - any model whose cache cannot be built this way
+            return None
+        kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        ids = b.input_ids[:, : b.split].to(in_device)
+        mask = b.attention_mask[:, : b.split].to(in_device)
+        last = arch.layer_name(arch.n_layers - 1)
+        with torch.no_grad(), autocast(), TraceDict(model, [last], stop=True):
+            model(input_ids=ids, attention_mask=mask, use_cache=True, **{kwarg: cache})
+        layers = getattr(cache, "layers", None)
+        if not layers or len(layers) != arch.n_layers or any(type(x) is not DynamicLayer for x in layers):
+            return None
+        if any(x.get_seq_length() != b.split for x in layers):
+            return None
+        return cls(model, cache, [(x.keys, x.values) for x in layers], mask)
+
+    def forward_kwargs(self, rows: torch.Tensor) -> dict[str, Any]:
+        """The cache reset to the prefixes of ``rows``, as keyword arguments of a forward."""
+        idx = None if len(rows) == self.layers[0][0].shape[0] else rows.to(self.layers[0][0].device)
+        for layer, (k, v) in zip(self.cache.layers, self.layers, strict=True):
+            layer.keys = k if idx is None else k.index_select(0, idx)
+            layer.values = v if idx is None else v.index_select(0, idx)
+        return {self.kwarg: self.cache, "use_cache": True}
 
 
 def _positions_in(reference: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .. import __version__
@@ -50,7 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            # Library warnings (e.g. a subject placed after the relation) read as CLI messages.
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -59,6 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"factedit: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if category.__module__.startswith("factedit") or "factedit" in str(filename):
+        text = f"factedit: warning: {message}\n"
+    else:  # other libraries' warnings keep their usual form
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

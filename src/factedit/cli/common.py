@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger("factedit")
@@ -20,7 +22,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="model: packaged name (smollm2-135m [default], gemma3-270m), a folder, a .gguf file or a hub id",
     )
     g.add_argument("--dtype", default=None, help="weights' dtype: float32 (default), bfloat16, float16")
-    g.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    g.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cpu, cuda or cuda:1 (default cpu; under torchrun, cuda means "
+        "each process's own GPU, cuda:LOCAL_RANK)",
+    )
+    g.add_argument(
+        "--device-map",
+        default=None,
+        metavar="MAP",
+        help="spread a model too large for one device over GPUs, CPU memory and disk "
+        "(accelerate): auto, balanced, sequential, or JSON {module: device}",
+    )
+    g.add_argument(
+        "--offload-folder", default=None, help="folder for layers a device map puts on disk"
+    )
     add_threads_arg(g)
 
 
@@ -76,8 +93,81 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
     from ..models import load_model
 
     set_threads(getattr(args, "threads", None))
-    status(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...")
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    if getattr(args, "device_map", None) and torch_distributed_world() > 1:
+        raise ValueError("--device-map with several processes is not supported; give each process its own --device")
+    device = process_device(args.device)
+    if is_main_process():
+        status(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...")
+    return load_model(
+        args.model, dtype=args.dtype, device=device,
+        device_map=parse_device_map(getattr(args, "device_map", None)),
+        offload_folder=getattr(args, "offload_folder", None),
+    )  # fmt: skip
+
+
+def parse_device_map(value: str | None) -> Any:
+    """``--device-map``: a strategy name, or a JSON object from module names to devices."""
+    import json
+
+    if value is None or not value.lstrip().startswith("{"):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--device-map is not valid JSON: {exc}") from None
+
+
+# ---- several processes (torchrun) -------------------------------------------------------------
+
+
+def torch_distributed_world() -> int:
+    """Processes in this launch: torchrun's ``WORLD_SIZE`` (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun, always true otherwise: only it prints and writes shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def process_device(device: str | None) -> str | None:
+    """Under torchrun, a bare ``cuda`` means this process's GPU (``cuda:LOCAL_RANK``)."""
+    if device == "cuda" and torch_distributed_world() > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def init_distributed(device: str | None) -> bool:
+    """Join torchrun's process group (NCCL for GPUs, gloo on CPU); ``False`` without torchrun.
+
+    The group's timeout is long: ranks of an evaluation wait for each other at the end, and
+    their shares of the cases can take hours.
+    """
+    if torch_distributed_world() <= 1:
+        return False
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return True
+    dev = process_device(device)
+    gpu = dev is not None and dev.startswith("cuda")
+    if gpu:
+        torch.cuda.set_device(torch.device(dev))
+    timeout = datetime.timedelta(hours=float(os.environ.get("FACTEDIT_DIST_TIMEOUT_HOURS", "48")))
+    dist.init_process_group(backend="nccl" if gpu else "gloo", timeout=timeout)
+    log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+    return True
+
+
+def finish_distributed() -> None:
+    """Leave the process group (a no-op without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def status(message: str) -> None:
@@ -101,3 +191,50 @@ def parse_hparams(value: str | None) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"--hparams: file {path} does not exist (give a file or inline JSON)")
     return path
+
+
+@contextlib.contextmanager
+def show_phases(enabled: bool = True) -> Iterator[None]:
+    """While active, an edit's phases (``factedit.phases`` log: "value optimisation ...",
+    "value optimisation: 5.2 s") are printed on stderr."""
+    logger = logging.getLogger("factedit.phases")
+    if not enabled:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # -v would print every line twice
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
+class Indicator:
+    """A busy indicator on stderr: ``indicator("generating ...")`` shows the text,
+    ``indicator(None)`` clears it. On a terminal the text is overwritten in place; otherwise
+    each message is a line of its own."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.shown = False
+
+    def __call__(self, message: str | None) -> None:
+        if message is None:
+            if self.shown and self.tty:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+            self.shown = False
+            return
+        if self.tty:
+            self.stream.write("\r\033[K" + message)
+        else:
+            self.stream.write(message + "\n")
+        self.stream.flush()
+        self.shown = True

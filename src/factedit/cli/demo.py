@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import add_model_args, load
+from .common import Indicator, add_model_args, load, show_phases, status
 
 
 def register(subparsers) -> None:
@@ -18,6 +18,11 @@ def register(subparsers) -> None:
         "demo",
         help="edit the default model with the research code's example (Steve Jobs -> Microsoft) "
         "and show probabilities and generations before/after",
+        description=(
+            "The research notebook's session: generate from the example's prompts, edit the "
+            "model, generate again, and print target probabilities and the generations side "
+            "by side. Each example starts from the unedited model."
+        ),
     )
     p.add_argument(
         "--example",
@@ -44,6 +49,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "chat",
         help="type prompts and read the (edited) model's continuations, the original's beside them",
+        description=(
+            "An interactive prompt loop (the research notebook's generate_interactive). With "
+            "--edits, the saved edits are applied and each prompt is continued by the edited "
+            "and the original model (and, with --logit-lens, read through the logit lens of "
+            "both). Ctrl-C cancels the current prompt; an empty line or Ctrl-D quits. Input "
+            "can be piped: echo 'Steve Jobs worked for' | factedit chat --edits jobs.safetensors"
+        ),
     )
     p.add_argument(
         "--edits",
@@ -69,6 +81,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "apply",
         help="apply saved edit(s) to a base model and write the edited model (save_pretrained)",
+        description=(
+            "Check that each saved edit was made on --model's weights, apply the edits in "
+            "order and write the edited model with save_pretrained (plus factedit_edits.json "
+            "naming the edits), so transformers can load it without factedit. Example: "
+            "factedit apply jobs.safetensors --out edited-model/"
+        ),
     )
     p.add_argument("edits", nargs="+", metavar="FILE", help="saved edit(s), applied in order")
     p.add_argument(
@@ -92,19 +110,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = None
     for name in dict.fromkeys(names):
         ex = EXAMPLES[name]
-        print(f"=== {name} ===")
-        _, orig = demo_model_editing(
-            model,
-            tok,
-            ex.request,
-            ex.generation_prompts,
-            alg_name=args.method,
-            hparams=args.hparams,
-            max_new_tokens=args.max_new_tokens,
-            top_k=args.top_k,
-            seed=args.seed,
-            context=EditContext(progress=not args.no_progress),
-        )
+        print(f"=== {name} ===", flush=True)
+        if not args.no_progress:
+            status("generating before the edit, editing, generating after ...")
+        with show_phases(not args.no_progress):
+            _, orig = demo_model_editing(
+                model,
+                tok,
+                ex.request,
+                ex.generation_prompts,
+                alg_name=args.method,
+                hparams=args.hparams,
+                max_new_tokens=args.max_new_tokens,
+                top_k=args.top_k,
+                seed=args.seed,
+                context=EditContext(progress=not args.no_progress),
+            )
         result = orig.result
         if args.save:
             path = result.save(args.save)
@@ -116,18 +137,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from ..demo import generate_interactive
-    from ..saving import apply_edits
+    from ..saving import apply_edits, load_edit
 
+    # Read and check the files before the model loads, so a bad file fails fast.
+    saved = [load_edit(p) for p in args.edits]
     model, tok = load(args)
     applied = None
-    if args.edits:
-        applied = apply_edits(model, args.edits)
+    if saved:
+        applied = apply_edits(model, saved)
         for a in applied:
             print(f"applied {a.saved.describe()}")
         print(
             "showing the edited model's continuation and the original's ([original]) for each prompt"
         )
-    print("empty line or Ctrl-D to quit")
+    print("Ctrl-C cancels a prompt; an empty line or Ctrl-D quits")
     try:
         generate_interactive(
             model,
@@ -139,6 +162,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             lens_top_k=args.lens_top_k,
             seed=args.seed,
             input_fn=_reader(),
+            status=Indicator(),
         )
     finally:
         if applied is not None:

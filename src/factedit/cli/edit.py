@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import add_model_args, load
+from .common import add_model_args, load, parse_hparams, show_phases, status
 
 
 def register(sub) -> None:
@@ -32,11 +32,21 @@ def register(sub) -> None:
     p.add_argument("--generate", nargs="*", default=[], metavar="PROMPT", help="prompts to generate from before and after")
     p.add_argument("--max-new-tokens", type=int, default=25, help="tokens generated per prompt (default 25)")
     p.add_argument("--save", type=Path, default=None, help="save the edit (safetensors) to this file")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars and the progress lines on stderr")
     add_model_args(p)
     p.set_defaults(func=cmd_edit)
 
-    p = sub.add_parser("stats", help="compute and cache the second-moment statistics ROME uses for a layer")
+    p = sub.add_parser(
+        "stats",
+        help="compute and cache the second-moment statistics ROME uses for a layer",
+        description=(
+            "Compute C = E[k kᵀ] over the inputs k of one layer's MLP output projection on a "
+            "text corpus (default: the packaged Wikipedia lead paragraphs) and cache it, so "
+            "later edits at that layer start at once. Example: factedit stats --layer 4. Under "
+            "torchrun (torchrun --nproc-per-node N -m factedit stats ...) the processes share "
+            "the corpus and sum their parts: the same matrix and cache entry as one process."
+        ),
+    )
     p.add_argument("--layer", type=int, required=True, help="block whose MLP output projection's inputs are measured")
     p.add_argument("--tokens", type=int, default=None, help="corpus tokens (default: ROME's mom2_tokens)")
     p.add_argument("--corpus", type=Path, default=None, help="text/JSON/JSONL corpus (default: packaged Wikipedia)")
@@ -46,9 +56,7 @@ def register(sub) -> None:
 
 
 def _hparams_arg(args: argparse.Namespace):
-    hp = args.hparams
-    if hp is not None and hp.lstrip().startswith("{"):
-        hp = json.loads(hp)
+    hp = parse_hparams(args.hparams)
     if args.layer is not None:
         if hp is None:
             hp = {}
@@ -76,17 +84,29 @@ def _requests(args: argparse.Namespace):
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from ..generation import generate
-    from ..methods import EditContext, edit
+    from ..methods import EditContext, edit, get_method
     from ..scoring import target_prob
 
     requests = _requests(args)
+    get_method(args.method)  # an unknown method fails before the model is loaded
+    hparams = _hparams_arg(args)
+    if args.save is not None and args.save.is_dir():
+        raise IsADirectoryError(f"--save {args.save} is a folder; give a file name")
     model, tok = load(args)
+    progress = not args.no_progress
     gen_prompts = args.generate or [r.text for r in requests]
+    if progress:
+        status(f"generating {len(gen_prompts)} continuation(s) before the edit ...")
     before = generate(model, tok, gen_prompts, max_new_tokens=args.max_new_tokens)
-    result = edit(
-        model, tok, requests, method=args.method, hparams=_hparams_arg(args),
-        context=EditContext(progress=not args.no_progress),
-    )  # fmt: skip
+    if progress:
+        status(f"editing with {args.method} ({len(requests)} request(s)) ...")
+    with show_phases(progress):
+        result = edit(
+            model, tok, requests, method=args.method, hparams=hparams,
+            context=EditContext(progress=progress),
+        )  # fmt: skip
+    if progress:
+        status("generating after the edit ...")
     after = generate(model, tok, gen_prompts, max_new_tokens=args.max_new_tokens)
     print(f"method {result.method}; edit took {result.timings['total']:.1f} s "
           + "(" + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if k != "total") + ")")
@@ -111,11 +131,26 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from ..arch import describe
     from ..methods.rome import ROMEHParams
     from ..stats import layer_stats
+    from .common import (
+        finish_distributed,
+        init_distributed,
+        is_main_process,
+        torch_distributed_world,
+    )
 
-    model, tok = load(args)
-    arch = describe(model)
-    tokens = args.tokens or ROMEHParams.defaults_for("rome", model, arch).mom2_tokens
-    s = layer_stats(model, tok, args.layer, arch=arch, corpus=args.corpus, tokens=tokens, use_cache=not args.recompute)
-    where = "read from the cache" if s.from_cache else f"computed in {s.seconds:.1f} s ({s.count / max(s.seconds, 1e-9):.0f} tokens/s)"
-    print(f"layer {args.layer} ({arch.mlp_out_name(args.layer)} input): {s.count} tokens, {where}; key {s.key}", file=sys.stdout)
+    distributed = init_distributed(args.device)
+    try:
+        model, tok = load(args)
+        arch = describe(model)
+        tokens = args.tokens or ROMEHParams.defaults_for("rome", model, arch).mom2_tokens
+        s = layer_stats(
+            model, tok, args.layer, arch=arch, corpus=args.corpus, tokens=tokens,
+            use_cache=not args.recompute, distributed=distributed,
+        )  # fmt: skip
+    finally:
+        finish_distributed()
+    if is_main_process():
+        procs = f" by {torch_distributed_world()} processes" if distributed else ""
+        where = "read from the cache" if s.from_cache else f"computed{procs} in {s.seconds:.1f} s ({s.count / max(s.seconds, 1e-9):.0f} tokens/s)"
+        print(f"layer {args.layer} ({arch.mlp_out_name(args.layer)} input): {s.count} tokens, {where}; key {s.key}", file=sys.stdout)
     return 0

@@ -70,9 +70,33 @@ def register(subparsers) -> None:
         action="store_true",
         help="only print the summary of an existing --out file",
     )
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="run only shard K of N (cases K, K+N, ...; K from 0) into its own results file; "
+        "join the shards' files with 'factedit merge'. Under torchrun the processes share "
+        "the cases by themselves and write one merged --out",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
     p.set_defaults(func=cmd_eval)
+
+    m = subparsers.add_parser(
+        "merge",
+        help="join the results files of evaluation shards into one (and print its table)",
+        description=(
+            "Join results files of one evaluation configuration (e.g. from 'factedit eval "
+            "--shard K/N' on several machines) into one file ordered by case id, and print "
+            "its table. Example: factedit merge part0.jsonl part1.jsonl --out results.jsonl"
+        ),
+    )
+    m.add_argument("files", nargs="+", type=Path, help="results files to join")
+    m.add_argument("--out", required=True, type=Path, help="merged results file")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not among the inputs")
+    m.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as Markdown")
+    m.add_argument("--json", default=None, metavar="FILE", help="also write the summary as JSON")
+    m.set_defaults(func=cmd_merge)
 
 
 def _parse_hparams(value: str | None) -> Any:
@@ -98,9 +122,12 @@ def _data_args(values: list[str]) -> tuple[str | None, Path]:
     raise ValueError("--data takes [KIND] PATH")
 
 
-def default_out(method: str, data: Path, sequential: bool, generation: bool) -> Path:
+def default_out(
+    method: str, data: Path, sequential: bool, generation: bool, shard: tuple[int, int] | None = None
+) -> Path:
     stem = re.sub(r"[^\w.-]", "_", f"eval-{method}-{data.stem}")
-    return Path(stem + ("-seq" if sequential else "") + ("" if generation else "-nogen") + ".jsonl")
+    part = f"-shard{shard[0]}of{shard[1]}" if shard else ""
+    return Path(stem + ("-seq" if sequential else "") + ("" if generation else "-nogen") + part + ".jsonl")
 
 
 def _write_outputs(summary: Any, args: argparse.Namespace) -> None:
@@ -116,20 +143,53 @@ def _write_outputs(summary: Any, args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..evaluate import load_dataset, make_config, read_results, run_evaluation, summarize
-    from ..models import DEFAULT_MODEL
+    from ..evaluate import load_dataset, read_results, summarize
+    from ..evaluate.sharding import parse_shard, shard_cases
+    from ..methods import get_method
+    from .common import finish_distributed, init_distributed
 
     kind, data = _data_args(args.data)
     generation = not args.no_generation
+    shard = parse_shard(args.shard) if args.shard else None
     out = (
-        Path(args.out) if args.out else default_out(args.method, data, args.sequential, generation)
+        Path(args.out)
+        if args.out
+        else default_out(args.method, data, args.sequential, generation, shard)
     )
     if args.summary_only:
         _write_outputs(summarize(read_results(out)), args)
         return 0
+    if shard and args.sequential:
+        raise ValueError("--shard cannot split a --sequential run: each edit depends on all earlier cases")
+    # Everything is validated before the results file is touched: the method and the dataset
+    # now, the hyperparameters against the model in make_config (which raises on a bad field
+    # or value), so a failed run leaves nothing behind.
+    get_method(args.method)
     cases = load_dataset(data, kind, limit=args.limit, skip_invalid=args.skip_invalid)
-    hparams = _parse_hparams(args.hparams)
+    if not cases:
+        raise ValueError(f"{data} holds no usable records")
+    if shard:
+        cases = shard_cases(cases, *shard)
+        if not cases:
+            raise ValueError(f"shard {args.shard} of {args.limit or 'all'} records is empty")
+    distributed = init_distributed(args.device)
+    try:
+        return _evaluate(args, data, cases, out, generation, distributed)
+    finally:
+        finish_distributed()
 
+
+def _evaluate(
+    args: argparse.Namespace, data: Path, cases: list, out: Path, generation: bool, distributed: bool
+) -> int:
+    from ..evaluate import ConfigMismatchError, make_config, run_evaluation
+    from ..evaluate.sharding import run_distributed_evaluation
+    from ..models import DEFAULT_MODEL
+    from .common import is_main_process
+
+    if distributed and args.sequential:
+        raise ValueError("a --sequential run cannot be split over processes (run it without torchrun)")
+    hparams = _parse_hparams(args.hparams)
     model, tok = load(args)
     model_name = (args.model or DEFAULT_MODEL) + (f"@{args.dtype}" if args.dtype else "")
     config = make_config(
@@ -145,16 +205,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
         gen_length=args.gen_length,
         seed=args.seed,
     )
-    print(f"{len(cases)} cases from {data}; results -> {out}", file=sys.stderr)
-    summary = run_evaluation(
-        model,
-        tok,
-        cases,
-        config,
-        out,
-        hparams=hparams,
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
-    _write_outputs(summary, args)
+    if is_main_process():
+        print(f"{len(cases)} cases from {data}; results -> {out}", file=sys.stderr)
+    run = run_distributed_evaluation if distributed else run_evaluation
+    if distributed:
+        _shared_statistics(model, tok, config.hparams)
+    try:
+        summary = run(
+            model,
+            tok,
+            cases,
+            config,
+            out,
+            hparams=hparams,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    except ConfigMismatchError as exc:
+        raise ValueError(exc.describe("--overwrite")) from None
+    if is_main_process():
+        _write_outputs(summary, args)
+    return 0
+
+
+def _shared_statistics(model: Any, tok: Any, hparams: dict[str, Any] | None) -> None:
+    """Under torchrun, compute the method's covariance statistics once, split over the
+    processes, before the cases (each process's edits then read them from the cache)."""
+    from ..stats import layer_stats
+
+    hp = hparams or {}
+    if not hp.get("mom2_adjustment") or not hp.get("mom2_tokens"):
+        return
+    layers = hp.get("layers") or ([hp["layer"]] if "layer" in hp else [])
+    for layer in layers:
+        layer_stats(model, tok, int(layer), tokens=int(hp["mom2_tokens"]), distributed=True)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..evaluate import summarize
+    from ..evaluate.sharding import merge_results
+
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"results file(s) {', '.join(missing)} do not exist")
+    if args.out.exists() and not args.overwrite and args.out.resolve() not in {f.resolve() for f in args.files}:
+        raise FileExistsError(f"{args.out} exists; give --overwrite to replace it, or list it among the files to merge")
+    merged = merge_results(args.files, args.out)
+    print(f"{len(merged.cases)} cases from {len(args.files)} files -> {args.out}", file=sys.stderr)
+    _write_outputs(summarize(merged), args)
     return 0

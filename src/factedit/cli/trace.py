@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from .common import add_model_args, load
+from .common import add_model_args, load, status
 
 
 def register(subparsers) -> None:
@@ -23,7 +23,7 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument(
-        "prompt", nargs="?", help="the prompt, e.g. 'The Space Needle is located in the city of'"
+        "prompt", nargs="?", help="the prompt, e.g. 'The Eiffel Tower is located in the city of'"
     )
     p.add_argument("--subject", help="the subject inside the prompt (with PROMPT)")
     p.add_argument(
@@ -80,22 +80,42 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise ValueError("give either a PROMPT (with --subject) or --facts FILE")
     if args.prompt is not None and not args.subject:
         raise ValueError("--subject is required with a PROMPT")
-
-    model, tok = load(args)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"--out {args.out} exists and is not a folder")
+    # Everything that can fail is checked before --out is created, so a failed run leaves no
+    # empty folder behind.
+    facts = None
     if args.facts is not None:
-        return _trace_facts(args, model, tok, kinds, formats)
+        from ..tracing import load_facts
+
+        facts = load_facts(args.facts)
+    model, tok = load(args)
+    if facts is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return _trace_facts(args, model, tok, facts, kinds, formats)
     return _trace_prompt(args, model, tok, kinds, formats)
 
 
 def _trace_prompt(args, model, tok, kinds, formats) -> int:
     from ..trace_plot import plot_trace
-    from ..tracing import CausalTracer
+    from ..tracing import AnswerNotPredictedError, CausalTracer
 
-    tracer = CausalTracer(
-        model, tok, args.prompt, args.subject, args.answer, noise=args.noise, samples=args.samples,
-        seed=args.seed, batch_size=args.batch_size, allow_any_answer=args.allow_any_answer,
-    )  # fmt: skip
+    status("running the clean and corrupted passes ...")
+    try:
+        tracer = CausalTracer(
+            model, tok, args.prompt, args.subject, args.answer, noise=args.noise,
+            samples=args.samples, seed=args.seed, batch_size=args.batch_size,
+            allow_any_answer=args.allow_any_answer,
+        )  # fmt: skip
+    except AnswerNotPredictedError as exc:
+        raise ValueError(exc.describe("give --allow-any-answer")) from None
+    if tracer.answer_is_top_prediction:
+        status(
+            f"no --answer given: tracing the model's top prediction {tracer.answer!r} "
+            f"(p={tracer.clean_prob:.3f}); give --answer to trace the answer you expect"
+        )
+        # Below UNSURE_PROB the library has already logged a warning (shown on stderr).
+    args.out.mkdir(parents=True, exist_ok=True)
     print(
         f"answer {tracer.answer!r}: clean p={tracer.clean_prob:.4f}, corrupted p="
         f"{tracer.corrupt_prob:.4f} (noise std {tracer.noise_std:.4g}, {tracer.samples} samples)"
@@ -117,11 +137,10 @@ def _trace_prompt(args, model, tok, kinds, formats) -> int:
     return 0
 
 
-def _trace_facts(args, model, tok, kinds, formats) -> int:
+def _trace_facts(args, model, tok, facts, kinds, formats) -> int:
     from ..trace_plot import plot_average
-    from ..tracing import average_trace, load_facts
+    from ..tracing import average_trace
 
-    facts = load_facts(args.facts)
     avg = average_trace(
         model, tok, facts, kinds=kinds, limit=args.limit, cache=args.out / "trace_cache.jsonl",
         noise=args.noise, samples=args.samples, window=args.window, seed=args.seed,

@@ -54,7 +54,27 @@ EditFn = Callable[..., Any]
 
 
 class ConfigMismatchError(ValueError):
-    """The results file belongs to a run with a different configuration."""
+    """The results file belongs to a run with a different configuration.
+
+    ``differences`` lists the differing fields (``"field: file has X, this run Y"``);
+    :meth:`describe` phrases the message for a front end with its own way to overwrite.
+    """
+
+    def __init__(self, path: Path, differences: list[str], how_to_overwrite: str = "overwrite=True"):
+        self.path, self.differences = path, differences
+        super().__init__(self.describe(how_to_overwrite))
+
+    @property
+    def fields(self) -> list[str]:
+        """Names of the differing configuration fields."""
+        return [d.split(":", 1)[0] for d in self.differences]
+
+    def describe(self, how_to_overwrite: str) -> str:
+        return (
+            f"{self.path} holds results of a different configuration (differing field(s) "
+            f"{', '.join(self.fields)}: {'; '.join(self.differences)}); choose another output "
+            f"file, or pass {how_to_overwrite} to discard its results"
+        )
 
 
 @dataclass(frozen=True)
@@ -85,12 +105,35 @@ class EvalConfig:
         return json.loads(json.dumps(asdict(self), default=str))
 
 
+def environment(model: nn.Module) -> dict[str, Any]:
+    """What a run's numbers depend on beyond its configuration: torch's thread count, torch's
+    version, the weights' dtype and device (recorded in the results header).
+
+    Scores are bit-for-bit reproducible on the same machine with the same threads, dtype,
+    device and torch version; a different thread count changes floating-point reduction
+    order, which can flip a close comparison (a PS of 1.0 vs 0.5 on one case was seen).
+    """
+    import torch
+
+    from .. import __version__
+    from ..models import model_device, model_dtype
+
+    return {
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "dtype": str(model_dtype(model)).replace("torch.", ""),
+        "device": str(model_device(model)),
+        "factedit_version": __version__,
+    }
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A digest of every parameter's exact bytes (names, dtypes, shapes included), so a results
     file is never resumed with an edited or different model."""
     from ..fingerprint import params_fingerprint
+    from ..hooks import named_parameter_values
 
-    return params_fingerprint(model.named_parameters())[:16]
+    return params_fingerprint(named_parameter_values(model))[:16]
 
 
 def file_sha256(path: Path) -> str:
@@ -317,6 +360,7 @@ class Summary:
     config: dict[str, Any]
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
 
     def metric_names(self) -> list[str]:
         order = ZSRE_METRICS if self.kind == "zsre" else COUNTERFACT_METRICS
@@ -337,6 +381,7 @@ class Summary:
             "seconds_per_case": {k: v.to_dict() for k, v in self.seconds.items()},
             "checkpoints": self.checkpoints,
             "config": self.config,
+            "environment": self.environment,
             "notes": self.notes,
         }
 
@@ -374,6 +419,13 @@ class Summary:
             "",
             "Rates in %, ± half-width of the 95 % CI (normal approximation; Score: bootstrap).",
         ]
+        e = self.environment
+        if e:
+            lines.append(
+                f"Run with {e.get('threads')} thread(s), {e.get('dtype')} on {e.get('device')}, "
+                f"torch {e.get('torch_version')} (results repeat exactly with the same threads, "
+                "dtype, device and torch version)."
+            )
         lines += [f"Note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -408,8 +460,9 @@ def summarize(results: ResultsFile, case_ids: Sequence[Any] | None = None) -> Su
         notes.append(
             "Specificity: agreement of post- with pre-edit argmax tokens on the NQ answer (MEMIT/EasyEdit)."
         )
+    env = dict(results.header.get("environment") or {}) if results.header else {}
     return Summary(kind, len(ok), len(rows) - len(ok), pre, post, seconds, config,
-                   results.checkpoints, notes)  # fmt: skip
+                   results.checkpoints, notes, env)  # fmt: skip
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -419,17 +472,38 @@ def _default_edit_fn() -> EditFn:
     return edit
 
 
-def resolved_hparams(model: nn.Module, method: str, hparams: Any) -> dict[str, Any] | None:
-    """The full hyperparameters a run will use, as a dict (``None`` if the method is unknown
-    to the registry, e.g. a custom ``edit_fn``)."""
+def resolved_hparams(
+    model: nn.Module, method: str, hparams: Any, *, strict: bool = False
+) -> dict[str, Any] | None:
+    """The full hyperparameters a run will use, as a dict, checked against the model (a bad
+    field or value raises ``ValueError``). An unknown method gives ``None`` (e.g. for a custom
+    ``edit_fn``), or raises with ``strict``."""
     from ..arch import describe
-    from ..methods import get_method, resolve_hparams
+    from ..methods import MethodNotAvailableError, get_method, resolve_hparams
 
     try:
         impl = get_method(method)
-    except (ValueError, ImportError):
+    except MethodNotAvailableError:
+        if strict:
+            raise
         return dict(hparams) if isinstance(hparams, Mapping) else None
-    return resolve_hparams(impl, model, hparams, describe(model)).to_dict()
+    arch = describe(model)
+    hp = resolve_hparams(impl, model, hparams, arch)
+    impl.check(hp, arch)
+    return hp.to_dict()
+
+
+def _check_environment(out: Path, existing: ResultsFile, env: Mapping[str, Any]) -> None:
+    """Warn when a run resumes in another environment than the one that began it."""
+    before = (existing.header or {}).get("environment") or {}
+    keys = ("threads", "torch_version", "dtype", "device")
+    diffs = [f"{k} {before[k]} -> {env[k]}" for k in keys if k in before and before[k] != env[k]]
+    if diffs:
+        log.warning(
+            "resuming %s in another environment (%s): the cases run now may differ slightly from "
+            "what the first environment would have given (results repeat exactly only with the "
+            "same threads, dtype, device and torch version)", out, ", ".join(diffs),
+        )  # fmt: skip
 
 
 def make_config(
@@ -495,18 +569,28 @@ def run_evaluation(
     """
     out = Path(out)
     default_edit = edit_fn is None
-    edit_fn = edit_fn or _default_edit_fn()
+    if edit_fn is None:
+        # Validate the method and its hyperparameters before anything is written, so a typo
+        # does not leave a results file behind.
+        resolved_hparams(model, config.method, hparams, strict=True)
+        edit_fn = _default_edit_fn()
     cfg = config.to_dict()
+    env = environment(model)
+    if out.exists() and out.is_dir():
+        raise IsADirectoryError(f"results file {out} is a folder")
     if out.exists() and overwrite:
         out.unlink()
     if out.exists() and out.stat().st_size > 0:
         existing = read_results(out, repair=True)
-        if existing.config is not None and existing.config != cfg:
-            diffs = "; ".join(config_differences(existing.config, cfg))
-            raise ConfigMismatchError(
-                f"{out} holds results of a different configuration ({diffs}); "
-                "use another output file or overwrite it"
-            )
+        if not existing.cases and not existing.checkpoints:
+            # A header without results (a run stopped before its first case): nothing to keep.
+            log.info("%s holds no results yet; starting it afresh", out)
+            out.unlink()
+            existing = ResultsFile(None, [], [])
+        elif existing.config is not None and existing.config != cfg:
+            raise ConfigMismatchError(out, config_differences(existing.config, cfg))
+        else:
+            _check_environment(out, existing, env)
     else:
         existing = ResultsFile(None, [], [])
     if existing.header is None:
@@ -521,6 +605,7 @@ def run_evaluation(
             {
                 "type": "header",
                 "config": cfg,
+                "environment": env,
                 "notes": notes,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             },
@@ -636,6 +721,12 @@ def _run_case(
         # agreement metrics after the model has changed.
         "pre_neighborhood_argmax": [list(a) for a in pre.neighborhood.true_argmax],
     }
+    diagnostics = getattr(result, "diagnostics", None) or [{}]
+    # The method's own scalar diagnostics (steps, losses, efficacy check), for looking into
+    # individual cases; the metrics above never depend on them.
+    record["diagnostics"] = {
+        k: v for k, v in diagnostics[0].items() if isinstance(v, (bool, int, float, str)) or v is None
+    }
     if post.generations:
         record["generations"] = {"pre": pre.generations, "post": post.generations}
     return record
@@ -674,6 +765,7 @@ __all__ = [
     "Measurement",
     "ResultsFile",
     "Summary",
+    "environment",
     "make_config",
     "measure_case",
     "model_fingerprint",

@@ -7,7 +7,9 @@ work as well as ours.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from torch import nn
 
 from ..arch import ModelArch, describe
 from ..hparams import HParams
-from ..requests import EditRequest, as_requests
+from ..requests import EditRequest, SubjectAtEndWarning, as_requests
 from .base import (
     EditContext,
     EditError,
@@ -85,9 +87,40 @@ def resolve_hparams(
         base = cls.defaults_for(method.name, model, arch).to_dict()
         unknown = sorted(set(hparams) - set(base))
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}")
+            raise ValueError(unknown_fields_message(method.name, cls.__name__, unknown, base))
         return cls.from_dict({**base, **hparams})
     return cls.from_file(hparams)
+
+
+def unknown_fields_message(method: str, cls_name: str, unknown: list[str], valid: Any) -> str:
+    """``unknown ROMEHParams field(s) ['lyer'] (did you mean 'layer'?); valid fields of rome:
+    ...``: the message for hyperparameter overrides naming no field of the method."""
+    valid = sorted(valid)
+    hints = [
+        f"{u!r} -> {m[0]!r}" for u in unknown if (m := difflib.get_close_matches(u, valid, n=1))
+    ]
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    return (
+        f"unknown {cls_name} field(s) {unknown}{hint}; valid fields of {method}: "
+        f"{', '.join(valid)}"
+    )
+
+
+def warn_subject_at_end(requests: list[EditRequest]) -> None:
+    """Warn (:class:`~factedit.requests.SubjectAtEndWarning`) for every request whose subject
+    ends the prompt: ROME-style methods read the key at the subject's last token, where the
+    model has not yet seen the relation, so the edit is unlikely to take."""
+    for r in requests:
+        if r.subject_at_end:
+            warnings.warn(
+                SubjectAtEndWarning(
+                    f"the subject {r.subject!r} is the last thing in the prompt {r.prompt!r}: "
+                    "editing is unlikely to work, because the subject comes after the relation. "
+                    "Put the subject first, e.g. '{} was founded by' with subject 'Apple' "
+                    "instead of 'Steve Jobs was the founder of {}'."
+                ),
+                stacklevel=3,
+            )
 
 
 def edit(
@@ -104,13 +137,15 @@ def edit(
 
     Returns an :class:`EditResult`; ``result.restore()`` puts the weights back bit-for-bit.
     Guarantee: if this raises (bad request, bad hyperparameters, a non-finite update, or any
-    other error), the model's weights are exactly as they were.
+    other error), the model's weights are exactly as they were. A request whose subject ends
+    its prompt is carried out but warned about (:class:`~factedit.requests.SubjectAtEndWarning`).
     """
     t0 = time.perf_counter()
     impl = get_method(method)
     reqs = as_requests(requests)
     for r in reqs:
         r.check_tokenizer(tok)
+    warn_subject_at_end(reqs)
     arch = arch or describe(model)
     hp = resolve_hparams(impl, model, hparams, arch)
     impl.check(hp, arch)
@@ -160,4 +195,7 @@ __all__ = [
     "edit",
     "edited",
     "get_method",
+    "resolve_hparams",
+    "unknown_fields_message",
+    "warn_subject_at_end",
 ]

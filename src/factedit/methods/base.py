@@ -9,6 +9,7 @@ editor restores every touched parameter, so a failed edit leaves the model uncha
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from ..arch import ModelArch
-from ..hooks import get_parameter
+from ..hooks import get_parameter, is_offloaded, parameter_value, set_parameter_value
 from ..hparams import HParams
 from ..requests import EditRequest
 
@@ -79,7 +80,7 @@ class WeightEditor:
         step back bit-exactly (it keeps a copy of the touched parameters until the next apply)."""
         dense: dict[str, torch.Tensor] = {}
         for name, delta in deltas.items():
-            param = get_parameter(self.model, name)
+            param = get_parameter(self.model, name)  # a clear LookupError for a wrong name
             mat = materialize(delta)
             if tuple(mat.shape) != tuple(param.shape):
                 raise EditError(f"update for {name} has shape {tuple(mat.shape)}, parameter {tuple(param.shape)}")
@@ -87,15 +88,20 @@ class WeightEditor:
                 raise NonFiniteUpdateError(f"the update for {name} contains NaN or inf; nothing was changed")
             dense[name] = mat
         self._undo = (
-            {n: get_parameter(self.model, n).detach().clone() for n in dense} if undoable else None
+            {n: parameter_value(self.model, n).detach().clone() for n in dense} if undoable else None
         )
         with torch.no_grad():
             for name, mat in dense.items():
-                param = get_parameter(self.model, name)
+                value = parameter_value(self.model, name)
                 if name not in self.original:
-                    self.original[name] = param.detach().clone()
-                param.add_(mat.to(device=param.device, dtype=param.dtype))
-            bad = [n for n in dense if not torch.isfinite(get_parameter(self.model, n)).all()]
+                    self.original[name] = value.detach().clone()
+                if is_offloaded(self.model, name):
+                    # accelerate reloads offloaded weights for every pass: change its store.
+                    new = value + mat.to(device=value.device, dtype=value.dtype)
+                    set_parameter_value(self.model, name, new)
+                else:
+                    value.add_(mat.to(device=value.device, dtype=value.dtype))
+            bad = [n for n in dense if not torch.isfinite(parameter_value(self.model, n)).all()]
         if bad:
             self.restore()
             raise NonFiniteUpdateError(f"applying the update made {bad} non-finite; model restored")
@@ -107,14 +113,14 @@ class WeightEditor:
             raise EditError("the last step was not applied with undoable=True")
         with torch.no_grad():
             for name, value in self._undo.items():
-                get_parameter(self.model, name).copy_(value)
+                set_parameter_value(self.model, name, value)
         self._undo = None
         self.steps.pop()
 
     def restore(self) -> None:
         with torch.no_grad():
             for name, value in self.original.items():
-                get_parameter(self.model, name).copy_(value)
+                set_parameter_value(self.model, name, value)
 
 
 @dataclass
@@ -160,7 +166,7 @@ class EditResult:
         """Put every touched parameter back bit-for-bit. Idempotent."""
         with torch.no_grad():
             for name, value in self.original.items():
-                get_parameter(self.model, name).copy_(value)
+                set_parameter_value(self.model, name, value)
         self.restored = True
 
     def save(self, path: str | Path) -> Path:
@@ -218,8 +224,29 @@ class EditMethod(ABC):
         request. Add seconds per phase into ``timings``. May raise; the caller restores."""
 
 
+#: Progress of an edit's phases is logged here (INFO): "<phase> ..." when a phase starts and
+#: "<phase>: N s" when it ends. Front ends show it by attaching a handler (the CLI does, on
+#: stderr); the library itself never prints.
+phase_log = logging.getLogger("factedit.phases")
+
+#: How phases are named in progress messages.
+PHASE_NAMES = {
+    "templates": "context templates",
+    "stats": "covariance statistics",
+    "key": "key",
+    "value": "value optimisation",
+    "probe": "target probability",
+    "update": "weight update",
+    "score": "target probability",
+    "finetune": "fine-tuning",
+    "apply": "weight update",
+    "attribution": "neuron attribution",
+}
+
+
 class PhaseTimer:
-    """Accumulate wall-clock seconds per phase: ``with timer("key"): ...``."""
+    """Accumulate wall-clock seconds per phase: ``with timer("key"): ...``; each phase's start
+    and end are logged on :data:`phase_log`."""
 
     def __init__(self, timings: dict[str, float]) -> None:
         self.timings = timings
@@ -233,7 +260,10 @@ class _Phase:
         self.timings, self.phase = timings, phase
 
     def __enter__(self) -> None:
+        phase_log.info("%s ...", PHASE_NAMES.get(self.phase, self.phase))
         self.t0 = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        self.timings[self.phase] = self.timings.get(self.phase, 0.0) + time.perf_counter() - self.t0
+        seconds = time.perf_counter() - self.t0
+        self.timings[self.phase] = self.timings.get(self.phase, 0.0) + seconds
+        phase_log.info("%s: %.1f s", PHASE_NAMES.get(self.phase, self.phase), seconds)

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from ..arch import ModelArch, describe
-from ..hooks import Trace, first_tensor, frozen_parameters, get_parameter
+from ..hooks import Trace, first_tensor, frozen_parameters, get_parameter, is_offloaded
 from ..hparams import HParams
 from ..models import model_device
 from ..requests import EditRequest
 from ..scoring import target_prob
 from ..tokens import prompt_target_batch
-from .base import EditContext, EditMethod, PhaseTimer, WeightEditor
+from .base import EditContext, EditError, EditMethod, PhaseTimer, WeightEditor
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,15 @@ def finetune(
     ``hp.norm_constraint = eps`` every entry satisfies ``|delta| <= eps``.
     """
     eps = hp.norm_constraint
+    offloaded = [n for n in names if is_offloaded(model, n)]
+    if offloaded:
+        # Gradient steps need the weights resident; accelerate reloads offloaded ones from
+        # their store for every pass, which would discard each step.
+        raise EditError(
+            f"{offloaded[0]} is offloaded by the device map (CPU/disk offload); fine-tuning needs "
+            "the trained layers on a device: give them a GPU (or 'cpu' on a CPU-only map) in "
+            "--device-map, or use ROME, whose edits work on offloaded layers"
+        )
     params = {n: get_parameter(model, n) for n in names}
     originals = {n: p.detach().clone() for n, p in params.items()}
     device = model_device(model)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..arch import ModelArch
-from ..hooks import Trace, frozen_parameters, get_module, hooks_removed_on_exit
+from ..hooks import Trace, frozen_parameters, get_module, hooks_removed_on_exit, parameter_value
 from ..hparams import HParams
 from ..models import model_device
 from ..requests import EditRequest
@@ -183,7 +183,8 @@ def kn_attribution(
         probs = torch.softmax(logits[0].float(), dim=-1)
         if answer_id is None:
             answer_id = int(probs.argmax())
-        acts = torch.stack([traces[n].input[0, -1].float() for n in names])
+        # On the inputs' device: layers may compute on several devices under a device map.
+        acts = torch.stack([traces[n].input[0, -1].float().to(device) for n in names])
 
     alphas = torch.arange(1, steps + 1, device=device, dtype=torch.float32) / steps
     scores = torch.zeros_like(acts)
@@ -195,7 +196,7 @@ def kn_attribution(
                 mod: nn.Module, args: tuple, kwargs: dict, scaled: torch.Tensor = scaled
             ) -> Any:
                 x = args[0]
-                x = torch.cat([x[:, :-1], scaled.to(x.dtype)[:, None, :]], dim=1)
+                x = torch.cat([x[:, :-1], scaled.to(x.device, x.dtype)[:, None, :]], dim=1)
                 return (x, *args[1:]), kwargs
 
             module = get_module(model, name)
@@ -303,15 +304,17 @@ def value_deltas(
 ) -> dict[str, torch.Tensor]:
     """Dense deltas of the MLP output projections that move each selected neuron's value
     vector from the old answer's unembedding direction toward the new target's."""
-    unembed = get_module(model, arch.unembed).weight
+    # parameter_value: offloaded weights (device maps) are read from their store.
+    unembed = parameter_value(model, arch.unembed + ".weight")
     e_old = unembed[old_id].float()
     e_new = unembed[new_id].float()
     direction = hp.lambda_new * e_new / e_new.norm() - hp.lambda_erase * e_old / e_old.norm()
     deltas: dict[str, torch.Tensor] = {}
     row = {layer: r for r, layer in enumerate(attr.layers)}
     for layer, j, _ in neurons:
-        w = arch.mlp_out_weight_as_out_in(model, layer)
         name = arch.mlp_out_weight_name(layer)
+        stored = parameter_value(model, name)
+        w = stored.T if arch.mlp_out_transposed else stored
         d = deltas.setdefault(name, torch.zeros(w.shape, dtype=torch.float32, device=w.device))
         sign = 1.0 if attr.activations[row[layer], j] >= 0 else -1.0
         d[:, j] += sign * w[:, j].float().norm() * direction.to(w.device)

@@ -1,0 +1,114 @@
+"""The shared value optimiser on the real default model: batching and the prefix cache change
+nothing but speed; ROME's efficacy check continues or warns instead of a silent non-edit."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import factedit
+from factedit.methods import EditContext, edit
+from factedit.methods.rome import EditEfficacyWarning, ROMEHParams, context_templates
+from factedit.requests import EditRequest
+from factedit.scoring import mean_target_logprob
+from factedit.values import ValueConfig, build_rows, optimize_values
+
+REQUESTS = [
+    EditRequest("{} was the founder of", "Steve Jobs", "Microsoft"),
+    EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
+    EditRequest("{} plays the", "Miles Davis", "violin"),
+]
+
+
+@pytest.fixture(scope="module")
+def setup(model, tok):
+    arch = factedit.describe(model)
+    hp = ROMEHParams.defaults_for("rome", model, arch)
+    templates = context_templates(model, tok, hp, EditContext(progress=False))
+    return arch, hp, templates
+
+
+def test_rows_align_the_subject_and_mark_targets(tok, setup):
+    _, hp, templates = setup
+    b = build_rows(tok, REQUESTS[:2], templates, hp.kl_prompts, [None, None])
+    n_rows = 2 * (len(templates) + len(hp.kl_prompts))
+    assert b.input_ids.shape[0] == n_rows
+    for i in range(n_rows):
+        # The token at the split column is the subject's last token in every row.
+        subject = REQUESTS[int(b.request[i])].subject
+        assert tok.decode(b.input_ids[i, b.split]).strip() == tok.decode(tok(" " + subject)["input_ids"][-1:]).strip()
+    # The NLL terms of each request predict its target's tokens, in order.
+    target = tok(" Microsoft", add_special_tokens=False)["input_ids"]
+    rows0 = b.nll_row[b.request[b.nll_row] == 0]
+    assert b.nll_tok[b.request[b.nll_row] == 0].tolist() == target * len(templates)
+    assert len(set(rows0.tolist())) == len(templates)
+
+
+def test_batched_equals_one_at_a_time(model, tok, setup, pristine_state):
+    """Each request's δ gets exactly its own gradient in the batch, so batching three requests
+    gives the same values as three separate optimisations (float32, up to summation order)."""
+    arch, hp, templates = setup
+    cfg = ValueConfig.from_hparams(hp, steps=6, dtype=None)
+    batched = optimize_values(model, tok, REQUESTS, arch, hp.layer, templates, cfg)
+    for req, b in zip(REQUESTS, batched, strict=True):
+        (single,) = optimize_values(model, tok, [req], arch, hp.layer, templates, cfg)
+        assert single.steps == b.steps
+        assert torch.allclose(single.delta, b.delta, rtol=1e-3, atol=1e-3 * single.delta.norm().item())
+        assert single.nll == pytest.approx(b.nll, rel=1e-3, abs=1e-4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in pristine_state.items())
+
+
+def test_prefix_cache_gives_the_same_values(model, tok, setup):
+    arch, hp, templates = setup
+    cfg = ValueConfig.from_hparams(hp, steps=4, dtype=None)
+    (cached,) = optimize_values(model, tok, REQUESTS[:1], arch, hp.layer, templates, cfg)
+    (full,) = optimize_values(model, tok, REQUESTS[:1], arch, hp.layer, templates, cfg.__class__(**{**cfg.__dict__, "prefix_cache": False}))
+    assert cached.steps == full.steps
+    assert torch.allclose(cached.delta, full.delta, rtol=1e-4, atol=1e-4 * full.delta.norm().item())
+    assert cached.delta.norm() > 0
+
+
+def test_converged_requests_leave_the_batch(model, tok, setup):
+    """A request the model already answers stops at once; the others go on."""
+    arch, hp, templates = setup
+    easy = EditRequest("{} is located in the city of", "The Eiffel Tower", "Paris")
+    cfg = ValueConfig.from_hparams(hp, steps=5, early_stop_loss=1.0, dtype=None)
+    res = optimize_values(model, tok, [easy, REQUESTS[0]], arch, hp.layer, templates, cfg)
+    assert res[0].done and res[0].steps == 1 and res[0].delta.norm() == 0
+    assert res[1].steps > 1
+
+
+def test_a_failed_edit_warns_with_probabilities(model, tok, unchanged_after):
+    """One optimisation step measures and never steps: δ = 0, the fact cannot move. The user
+    is told, with the probabilities, instead of getting a silent non-edit."""
+    req = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+           "target_new": "Rome", "target_true": "Paris"}  # fmt: skip
+    with pytest.warns(EditEfficacyWarning, match=r"P\(new\) .* vs P\(old\)"):
+        result = edit(model, tok, req, hparams={"v_num_grad_steps": 1, "efficacy_retries": 0})
+    d = result.diagnostics[0]
+    assert d["efficacy"] is False and d["p_old"] > d["p_new"]
+    result.restore()
+
+
+def test_efficacy_retries_continue_the_optimisation(model, tok, unchanged_after):
+    """One small Adam step is too little for a fact the model knows strongly; the check after
+    the update sends the optimisation back, step by step, until the new target wins."""
+    req = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+           "target_new": "Rome", "target_true": "Paris"}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EditEfficacyWarning)
+        result = edit(
+            model, tok, req, hparams={"v_num_grad_steps": 2, "v_lr": 0.2, "efficacy_retries": 8},
+            context=EditContext(progress=False),
+        )
+    d = result.diagnostics[0]
+    assert d["efficacy_retries"] >= 1 and d["efficacy"] is True
+    assert d["v_steps"] > 2
+    text = "The Eiffel Tower is located in the city of"
+    new, old = mean_target_logprob(model, tok, [text, text], [" Rome", " Paris"]).tolist()
+    assert new > old
+    # Retried updates were taken back exactly: one rank-one step remains.
+    assert len(result.steps) == 1
+    result.restore()
