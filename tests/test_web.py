@@ -231,6 +231,9 @@ def test_two_clients_editing_at_once_leave_the_model_consistent(server, model, t
     assert all(j is not None and j["status"] == "done" for j in jobs), jobs
     for j in jobs:
         assert j["result"]["target_prob_after"] > 0.5 > j["result"]["target_prob_before"]
+    # The progress line named the edit's own phases (from the factedit.phases log).
+    phases = {p for j in jobs for _, p, _, _ in j["seen"]}
+    assert any(p.startswith("editing with rome: value optimisation") for p in phases), phases
 
     # Exactly two edits in place, applied one after the other on top of each other.
     entries = list(state._edits)

@@ -11,6 +11,7 @@ read it while a long job holds the model.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import itertools
 import logging
@@ -19,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,10 +346,11 @@ class ServerState:
             before = self._generate(prompts, max_new_tokens)
             job.done, job.phase = 1, f"editing with {method}"
             t0 = time.perf_counter()
-            result = edit(
-                self.model, self.tok, [request], method=method, hparams=hparams,
-                arch=self.arch, context=self._context,
-            )  # fmt: skip
+            with _phases_to(job, f"editing with {method}"):
+                result = edit(
+                    self.model, self.tok, [request], method=method, hparams=hparams,
+                    arch=self.arch, context=self._context,
+                )  # fmt: skip
             seconds = time.perf_counter() - t0
             try:
                 job.done, job.phase = 2, "target probability and generations after the edit"
@@ -562,6 +564,35 @@ class ServerState:
                 for r in results
             ],  # fmt: skip
         }
+
+
+class _PhaseHandler(logging.Handler):
+    """Shows an edit's phases (the ``factedit.phases`` log) as its job's phase."""
+
+    def __init__(self, job: Job, prefix: str) -> None:
+        super().__init__(logging.INFO)
+        self.job, self.prefix, self.thread = job, prefix, threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:  # only the edit this job runs
+            self.job.phase = f"{self.prefix}: {record.getMessage()}"
+
+
+@contextlib.contextmanager
+def _phases_to(job: Job, prefix: str) -> Iterator[None]:
+    # Called under model_lock, so no other edit changes the logger meanwhile.
+    logger = logging.getLogger("factedit.phases")
+    handler = _PhaseHandler(job, prefix)
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the page shows them; the server's log stays quiet
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
 
 
 def _model_label(model: nn.Module) -> str:
