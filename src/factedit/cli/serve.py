@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import sys
 
 from .common import add_model_args, load, status
 
@@ -51,6 +53,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server stops
             serve(state, sock, log_level=args.log_level)
         status("stopped")
+        if state.busy():
+            # A job (an edit, a trace) is still computing in its thread; its result would be
+            # thrown away, and torch must not be torn down under it at interpreter exit.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     finally:
         sock.close()
     return 0

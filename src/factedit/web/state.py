@@ -21,7 +21,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,7 +159,7 @@ class ServerState:
         tok: Any,
         *,
         model_name: str = "",
-        max_workers: int = 4,
+        max_waiting: int = 8,
         progress: bool = False,
     ) -> None:
         self.model = model
@@ -176,14 +175,38 @@ class ServerState:
         # Generations keyed on (edits in place, prompts, tokens): the weights are determined by
         # the loaded model and the edits in place, since only this object changes them.
         self._generations: OrderedDict[tuple, list[str]] = OrderedDict()
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="factedit-web")
+        self._max_waiting = max_waiting
+        self._closed = False
         # One context for every edit of this server: statistics and context templates are read
         # once and kept in its memo (used only under model_lock).
         self._context = EditContext(progress=progress)
 
     def close(self) -> None:
-        """Stop accepting jobs; running ones finish. The model keeps its edits."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop accepting jobs. The model keeps its edits; a job still running goes on in its
+        (daemon) thread, which does not keep the process alive: stopping the server with Ctrl-C
+        is prompt, and nothing is lost since edits live in memory only."""
+        self._closed = True
+
+    def busy(self) -> bool:
+        """Whether a job is queued or running."""
+        with self._state_lock:
+            return any(j.status in ("queued", "running") for j in self._jobs.values())
+
+    def _submit(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> None:
+        if self._closed:
+            raise WebInputError("the server is shutting down")
+        with self._state_lock:
+            waiting = sum(j.status in ("queued", "running") for j in self._jobs.values())
+        if waiting > self._max_waiting:
+            with self._state_lock:
+                self._jobs.pop(job.id, None)
+            raise WebInputError(
+                f"the server is busy: {waiting - 1} requests are running or waiting for the "
+                "model; try again when they have finished"
+            )
+        threading.Thread(
+            target=self._run_job, args=(job, work), name=f"factedit-web-{job.kind}", daemon=True
+        ).start()
 
     # ---- information ---------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -272,7 +295,7 @@ class ServerState:
             return {"prompts": prompts}
 
         job = self._new_job("warm-up")
-        self._pool.submit(self._run_job, job, work)
+        self._submit(job, work)
         return job.id
 
     # ---- editing -------------------------------------------------------------------------
@@ -325,7 +348,7 @@ class ServerState:
         """Validate and queue an edit; return the job id. Raises :class:`WebInputError`."""
         spec = self.parse_edit(payload)
         job = self._new_job("edit")
-        self._pool.submit(self._run_job, job, lambda j: self._do_edit(j, **spec))
+        self._submit(job, lambda j: self._do_edit(j, **spec))
         return job.id
 
     def _do_edit(
@@ -514,7 +537,7 @@ class ServerState:
         """Validate and queue a causal trace; return the job id."""
         spec = self.parse_trace(payload)
         job = self._new_job("trace")
-        self._pool.submit(self._run_job, job, lambda j: self._do_trace(j, **spec))
+        self._submit(job, lambda j: self._do_trace(j, **spec))
         return job.id
 
     def _do_trace(
