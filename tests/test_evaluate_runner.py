@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,3 +250,16 @@ def test_rome_end_to_end_with_resume(cf_path, tmp_path, monkeypatch, capsys):
     assert re.search(r"\| ES \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \|", md)
     assert "edit" in md and "3 cases" in md
     capsys.readouterr()
+
+
+def test_skip_selects_a_record_range(cf_path, tmp_path):
+    """--skip 400 --limit 2 evaluates records 400 and 401 of the file, nothing else."""
+    records = json.loads(Path(cf_path).read_text())
+    out = tmp_path / "r.jsonl"
+    args = ["eval", "--method", "rome", "--data", "counterfact", str(cf_path), "--skip", "400",
+            "--limit", "2", "--no-generation", "--no-progress", "--out", str(out),
+            "--hparams", json.dumps({**ROME_LIGHT, "v_num_grad_steps": 1})]  # fmt: skip
+    assert main(args) == 0
+    ids = [json.loads(line)["case_id"] for line in out.read_text().splitlines()[1:]]
+    assert ids == [records[400]["case_id"], records[401]["case_id"]]
+    assert main([*args[:-2], "--skip", "-1"]) == 2

@@ -78,9 +78,14 @@ class Rule:
     skip: str = ""  # not run, and why
     stdin: str | None = None
     expect: str = ""  # text the command's stdout must contain
+    files: dict[str, str] = field(default_factory=dict)  # written to the working folder first
 
 
 QUICK_ROME = '{"v_num_grad_steps": 1}'
+FACTS_JSONL = (
+    '{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": {"str": "Rome"}}\n'
+    '{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"}}\n'
+)
 
 SHELL_RULES: list[Rule] = [
     Rule(r"^make (demo|test)$", skip="builds .venv; 'make test' is this suite, "
@@ -91,17 +96,32 @@ SHELL_RULES: list[Rule] = [
     Rule(r"^factedit generate ", add=["--max-new-tokens", "3"]),
     # One optimisation step: the edit is saved and used by apply and chat below; its quality
     # is tested elsewhere.
+    # A requests file of two facts (JSONL); one batch, one optimisation step.
+    Rule(r"^factedit edit --method memit --requests facts.jsonl", files={"facts.jsonl": FACTS_JSONL},
+         add=["--max-new-tokens", "3", "--hparams", QUICK_ROME], expect="[after]"),  # fmt: skip
     Rule(r"^factedit edit ", add=["--max-new-tokens", "3", "--hparams", QUICK_ROME], expect="[after]"),
     Rule(r"^factedit apply ", expect="wrote the edited model"),
     Rule(r"^factedit chat ", add=["--max-out-len", "12"], stdin="Steve Jobs worked for\n",
          expect="[original] Steve Jobs worked for"),  # fmt: skip
     Rule(r"^factedit trace ", add=["--samples", "1", "--kinds", "mlp", "--formats", "png"],
          expect="answer ' Paris': clean p="),  # fmt: skip
+    Rule(r"^torchrun ", skip="several processes; tests/test_distributed.py runs 2 gloo ranks "
+         "of stats and eval on the real model"),  # fmt: skip
+    # Two shards of two records, then their merge.
+    Rule(r"^factedit eval --method rome .*--shard ", replace={r"--limit \d+": "--limit 2"},
+         add=["--no-progress", "--hparams", QUICK_ROME], expect="| E"),  # fmt: skip
+    Rule(r"^factedit merge ", expect="| E"),
     Rule(r"^factedit eval --method rome ", replace={r"--limit \d+": "--limit 1"},
          add=["--no-generation", "--no-progress", "--hparams", QUICK_ROME], expect="| E"),  # fmt: skip
+    Rule(r"^factedit eval --method (alphaedit|memit) .*--batch-size", replace={r"--limit \d+": "--limit 2",
+         r"--batch-size \d+": "--batch-size 1"}, add=["--no-generation", "--no-progress", "--hparams", QUICK_ROME],
+         expect="| E"),  # fmt: skip
     Rule(r"^factedit eval --method ft", replace={r"--limit \d+": "--limit 1"},
          add=["--no-generation", "--no-progress", "--hparams", '{"num_steps": 2}'], expect="| E"),  # fmt: skip
     Rule(r"^factedit stats ", add=["--tokens", "2000", "--recompute"], expect="tokens, computed"),
+    Rule(r"^factedit eval --method (mend|ke)", skip="needs a trained editor (about 30 min of "
+         "training); tests/test_learned.py trains a small one and edits with it"),  # fmt: skip
+    Rule(r"^factedit train ", skip="minutes of training; tests/test_learned.py runs short ones"),
 ]
 
 
@@ -146,6 +166,8 @@ def test_readme_shell_snippets_run(tmp_path, data_dir, monkeypatch, capsys):
             rule = _rule(line)
             if rule.skip:
                 continue
+            for name, text in rule.files.items():
+                (tmp_path / name).write_text(text, encoding="utf-8")
             argv = _argv(line, rule, data_dir)
             monkeypatch.setattr(sys, "stdin", io.StringIO(rule.stdin or ""))
             t0 = time.perf_counter()

@@ -182,9 +182,12 @@ def test_non_finite_update_is_refused(model, tok, unchanged_after, monkeypatch):
         edit(model, tok, REQUEST, hparams={"v_num_grad_steps": 1})
 
 
-def test_unknown_and_unavailable_methods(model, tok):
-    with pytest.raises(ValueError, match="not available"):
-        edit(model, tok, REQUEST, method="MEND")
+def test_unknown_and_unavailable_methods(model, tok, tmp_path):
+    from factedit.methods import EditContext
+
+    # A learned editor that has not been trained for this model says how to train it.
+    with pytest.raises(ValueError, match="factedit train mend"):
+        edit(model, tok, REQUEST, method="MEND", context=EditContext(cache_dir=tmp_path))
     with pytest.raises(ValueError, match="unknown editing method"):
         edit(model, tok, REQUEST, method="nope")
     assert "rome" in factedit.available_methods()

@@ -53,7 +53,6 @@ BAD_EDITS = [
     ({**SEED, "prompt": "Steve Jobs was the founder of"}, "must contain {}"),
     ({**SEED, "subject": "  "}, "subject is empty"),
     ({**SEED, "target": ""}, "target is empty"),
-    ({**SEED, "method": "mend"}, "not available"),
     ({**SEED, "method": "no-such-method"}, "unknown editing method"),
     ({**SEED, "prompt": "{} and {} founded"}, "exactly one"),
     ({**SEED, "test_prompts": ["x"] * 11}, "at most 10"),
@@ -67,6 +66,22 @@ def test_bad_edit_is_refused_with_a_message(server, model, pristine_state, body,
     status, payload, _ = call(url + "/api/edit", body)
     assert status == 400
     assert message in payload["error"]
+    assert state.edits() == []
+    assert_weights_equal(model, pristine_state)
+
+
+def test_untrained_learned_editor_shows_its_message(server, model, pristine_state):
+    """MEND needs a trained editor: without one the page gets its message, the model is unchanged."""
+    url, state = server
+    status, payload, _ = call(url + "/api/edit", {**SEED, "method": "mend", "test_prompts": ["Steve Jobs worked for"], "max_new_tokens": 2})
+    if status == 400:
+        assert payload["error"]
+    else:
+        job = wait_job(url, payload["job"])
+        if job["status"] == "error":
+            assert "train" in job["error"], job["error"]
+        else:  # a trained MEND editor is in this machine's cache: then it edits like any method
+            assert state.edits() and call(url + "/api/revert-all", {})[0] == 200
     assert state.edits() == []
     assert_weights_equal(model, pristine_state)
 

@@ -38,6 +38,8 @@ _EXPORTS = {
     "demo_model_editing": "demo",
     "generate_interactive": "demo",
     "apply_edits": "saving",
+    "EditSession": "session",
+    "load_requests": "requests",
     "load_edit": "saving",
     "trace": "tracing",
     "TraceResult": "tracing",

@@ -160,6 +160,76 @@ def as_requests(requests: EditRequest | Mapping | Iterable) -> list[EditRequest]
     return out
 
 
+def check_conflicts(requests: Iterable[EditRequest]) -> None:
+    """Raise :class:`InvalidRequestError` naming both indices if two requests have the same
+    subject and prompt but different targets (one batch cannot make a prompt complete to two
+    different things)."""
+    seen: dict[tuple[str, str], tuple[int, str]] = {}
+    for i, r in enumerate(requests):
+        key = (r.prompt, r.subject)
+        if key in seen and seen[key][1] != r.target_new:
+            j, t = seen[key]
+            raise InvalidRequestError(
+                f"requests {j} and {i} have the same subject {r.subject!r} and prompt {r.prompt!r} "
+                f"but different targets ({t!r} vs {r.target_new!r})"
+            )
+        seen.setdefault(key, (i, r.target_new))
+
+
+def parse_requests_text(text: str, source: str = "<text>") -> list[EditRequest]:
+    """Requests from a JSON document (one request dict or a list of them) or JSONL (one request
+    dict per line), each in the seed's format (see :meth:`EditRequest.from_any`).
+
+    Every record is validated before any is returned: the first invalid one raises
+    :class:`InvalidRequestError` naming its index (0-based; for JSONL also the line), and two
+    requests with the same subject and prompt but different targets are refused
+    (:func:`check_conflicts`).
+    """
+    import json
+
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidRequestError(f"{source}: no requests (the file is empty)")
+    records: list[tuple[Any, str]]
+    try:
+        doc = json.loads(stripped)
+    except json.JSONDecodeError:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((json.loads(line), f"line {n}"))
+            except json.JSONDecodeError as exc:
+                raise InvalidRequestError(
+                    f"{source}: neither a JSON document nor JSONL; line {n} is not valid JSON ({exc.msg})"
+                ) from None
+    else:
+        items = doc if isinstance(doc, list) else [doc]
+        records = [(r, "") for r in items]
+    if not records:
+        raise InvalidRequestError(f"{source}: no requests (empty list)")
+    out = []
+    for i, (rec, where) in enumerate(records):
+        try:
+            out.append(EditRequest.from_any(rec))
+        except InvalidRequestError as exc:
+            at = f"request {i}" + (f" ({where})" if where else "")
+            raise InvalidRequestError(f"{source}: {at} is invalid: {exc}; nothing was edited") from None
+    check_conflicts(out)
+    return out
+
+
+def load_requests(path: Any) -> list[EditRequest]:
+    """:func:`parse_requests_text` of a file (JSON list, one JSON dict, or JSONL)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"requests file {p} does not exist")
+    return parse_requests_text(p.read_text(encoding="utf-8"), str(p))
+
+
 def requests_to_json(requests: Iterable[EditRequest]) -> list[dict[str, Any]]:
     return [r.to_dict() for r in requests]
 
@@ -170,5 +240,8 @@ __all__ = [
     "SubjectAtEndWarning",
     "as_requests",
     "asdict",
+    "check_conflicts",
+    "load_requests",
+    "parse_requests_text",
     "requests_to_json",
 ]

@@ -297,3 +297,129 @@ def layer_stats(
     if memo_key is not None:
         memo[memo_key] = result
     return result
+
+
+# ---- several layers in one pass ----------------------------------------------------------------
+
+
+@torch.no_grad()
+def compute_second_moments(
+    model: nn.Module,
+    tok: Any,
+    layers: list[int] | tuple[int, ...],
+    *,
+    arch: ModelArch | None = None,
+    corpus: Corpus | str | Path | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_rows: int = 8,
+    progress: bool = True,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, int]]:
+    """:func:`compute_second_moment` for several layers in ONE pass over the corpus, uncached.
+
+    The forward pass stops right after the highest layer's projection, so the statistics of
+    MEMIT's layers 3..8 cost one truncated pass instead of six. Returns ``{layer: (E[k kᵀ],
+    E[k], count)}``; each layer's numbers equal what :func:`compute_second_moment` gives alone
+    (same rows, same accumulation order). The model is unchanged.
+    """
+    from .hooks import TraceDict
+
+    arch = arch or describe(model)
+    layers = sorted(set(int(i) for i in layers))
+    if not layers:
+        return {}
+    for i in layers:
+        arch.layer_name(i)  # range check
+    corpus = as_corpus(corpus)
+    seq_len = _fit_seq_len(model, seq_len)
+    rows = packed_token_rows(tok, corpus, tokens, seq_len)
+    device = model_device(model)
+    d = arch.mlp_size
+    names = {i: arch.mlp_out_name(i) for i in layers}
+    acc = {i: torch.zeros(d, d, dtype=torch.float64, device=device) for i in layers}
+    total = {i: torch.zeros(d, dtype=torch.float64, device=device) for i in layers}
+    count = 0
+    bar = tqdm(total=int((rows >= 0).sum()), unit="tok", desc=f"stats layers {layers}", disable=not progress)
+    for s in range(0, rows.shape[0], batch_rows):
+        batch = rows[s : s + batch_rows]
+        mask = batch >= 0
+        ids = batch.clamp(min=0).to(device)
+        # stop=True stops after the last traced module in execution order: the top layer.
+        with TraceDict(model, list(names.values()), retain_input=True, retain_output=False, stop=True) as td:
+            model(input_ids=ids, attention_mask=mask.long().to(device), use_cache=False)
+        n = 0
+        for i, name in names.items():
+            k = as_batch_seq(td[name].input, *ids.shape)[mask.to(device)]
+            kf = k.float()
+            acc[i] += (kf.T @ kf).double()
+            total[i] += kf.sum(0).double()
+            n = k.shape[0]
+        count += n
+        bar.update(n)
+    bar.close()
+    return {i: (acc[i] / count, total[i] / count, count) for i in layers}
+
+
+def layers_stats(
+    model: nn.Module,
+    tok: Any,
+    layers: list[int] | tuple[int, ...],
+    *,
+    arch: ModelArch | None = None,
+    corpus: Corpus | str | Path | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    memo: dict[str, Any] | None = None,
+) -> dict[int, SecondMoment]:
+    """:func:`layer_stats` for several layers: each read from its per-layer cache file when
+    there is one, and all missing layers computed in one truncated pass
+    (:func:`compute_second_moments`) and cached per layer, under the same keys
+    :func:`layer_stats` uses (so either function reads what the other wrote)."""
+    arch = arch or describe(model)
+    layers = sorted(set(int(i) for i in layers))
+    corpus = as_corpus(corpus)
+    seq_len = _fit_seq_len(model, seq_len)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stats"
+    out: dict[int, SecondMoment] = {}
+    missing = []
+    for i in layers:
+        arch.layer_name(i)
+        key = stats_key(model, arch, i, corpus, tokens, seq_len)
+        if use_cache and (folder / f"{key}.safetensors").is_file():
+            out[i] = layer_stats(model, tok, i, arch=arch, corpus=corpus, tokens=tokens, seq_len=seq_len,
+                                 cache_dir=folder, progress=progress, memo=memo)  # fmt: skip
+        else:
+            missing.append((i, key))
+    if not missing:
+        return out
+    t0 = time.perf_counter()
+    computed = compute_second_moments(
+        model, tok, [i for i, _ in missing], arch=arch, corpus=corpus, tokens=tokens, seq_len=seq_len,
+        progress=progress,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    log.info("statistics of layers %s: one pass in %.1f s", [i for i, _ in missing], seconds)
+    device = model_device(model)
+    for i, key in missing:
+        mom2, mean, count = computed[i]
+        if use_cache:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{key}.safetensors"
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            save_file(
+                {"mom2": mom2.cpu().contiguous(), "mean": mean.cpu().contiguous(), "count": torch.tensor(count)},
+                str(tmp),
+            )
+            meta = {
+                "layer": i, "module": arch.mlp_out_name(i), "corpus": corpus.identity,
+                "tokens": tokens, "seq_len": seq_len, "count": count, "seconds": seconds,
+                "model_class": arch.model_class, "model_dtype": str(model_dtype(model)),
+                "pass_layers": [j for j, _ in missing],
+            }  # fmt: skip
+            (folder / f"{key}.json").write_text(json.dumps(meta, indent=2))
+            os.replace(tmp, path)
+        out[i] = SecondMoment(mom2.to(device), mean.to(device), count, key, seconds, from_cache=False)
+    return out

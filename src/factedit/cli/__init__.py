@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo",  # demo, chat, apply
     "trace",  # trace
     "eval",  # eval
+    "train",  # train (learned editors)
     "serve",  # serve (the web page)
 )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,8 +24,17 @@ def register(sub) -> None:
     p.add_argument("--subject", help="the subject, e.g. 'Steve Jobs'")
     p.add_argument("--target", help="the new target, e.g. 'Microsoft'")
     p.add_argument("--target-true", default=None, help="the current target (shown for comparison)")
-    p.add_argument("--requests", type=Path, help="JSON file: a request dict or a list of them")
-    p.add_argument("--method", default="rome", help="editing method (rome, ft, ft-l, ft-attnedit, kn)")
+    p.add_argument(
+        "--requests", type=Path,
+        help="requests file: a JSON list (or one dict) or JSONL, in the research code's format; every record is "
+        "checked before any weight changes",
+    )  # fmt: skip
+    p.add_argument(
+        "--batch-size", type=int, default=None,
+        help="requests per batch (MEMIT/AlphaEdit edit a batch at once, batches one after another; "
+        "other methods always go one request at a time); default: all at once",
+    )  # fmt: skip
+    p.add_argument("--method", default="rome", help="editing method (see 'factedit methods'; e.g. rome, memit, alphaedit, ft-l, kn, mend-cf)")
     p.add_argument("--hparams", default=None, help="hyperparameters: a JSON/YAML file or an inline JSON object of overrides")
     p.add_argument("--layer", type=int, default=None, help="override the edited layer (ROME)")
     p.add_argument("--generate", nargs="*", default=[], metavar="PROMPT", help="prompts to generate from before and after")
@@ -68,12 +76,14 @@ def _hparams_arg(args: argparse.Namespace):
 
 
 def _requests(args: argparse.Namespace):
-    from ..requests import EditRequest, as_requests
+    from ..requests import EditRequest
 
     if args.requests is not None:
         if any(v is not None for v in (args.prompt, args.subject, args.target)):
             raise ValueError("give either --requests or --prompt/--subject/--target, not both")
-        return as_requests(json.loads(args.requests.read_text()))
+        from ..requests import load_requests
+
+        return load_requests(args.requests)
     missing = [n for n, v in (("--prompt", args.prompt), ("--subject", args.subject), ("--target", args.target)) if v is None]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or give --requests FILE)")
@@ -84,38 +94,56 @@ def _requests(args: argparse.Namespace):
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from ..generation import generate
-    from ..methods import EditContext, edit, get_method
+    from ..methods import EditContext, get_method
     from ..scoring import target_prob
+    from ..session import EditSession
 
     requests = _requests(args)
     get_method(args.method)  # an unknown method fails before the model is loaded
     hparams = _hparams_arg(args)
     if args.save is not None and args.save.is_dir():
         raise IsADirectoryError(f"--save {args.save} is a folder; give a file name")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     model, tok = load(args)
+    # Everything that can be checked is checked before the first batch changes any weight.
+    for r in requests:
+        r.check_tokenizer(tok)
     progress = not args.no_progress
-    gen_prompts = args.generate or [r.text for r in requests]
+    session = EditSession(model, tok, method=args.method, hparams=hparams, context=EditContext(progress=progress))
+    gen_prompts = args.generate or [r.text for r in requests][:10]
     if progress:
         status(f"generating {len(gen_prompts)} continuation(s) before the edit ...")
     before = generate(model, tok, gen_prompts, max_new_tokens=args.max_new_tokens)
     if progress:
         status(f"editing with {args.method} ({len(requests)} request(s)) ...")
-    with show_phases(progress):
-        result = edit(
-            model, tok, requests, method=args.method, hparams=hparams,
-            context=EditContext(progress=progress),
-        )  # fmt: skip
+    size = args.batch_size or len(requests)
+    try:
+        with show_phases(progress):
+            for s in range(0, len(requests), size):
+                session.apply(requests[s : s + size])
+    except BaseException:
+        session.revert_all()
+        raise
+    result = session.combined()
     if progress:
         status("generating after the edit ...")
     after = generate(model, tok, gen_prompts, max_new_tokens=args.max_new_tokens)
-    print(f"method {result.method}; edit took {result.timings['total']:.1f} s "
-          + "(" + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if k != "total") + ")")
-    for r, d in zip(result.requests, result.diagnostics, strict=True):
+    n_batches = len(session)
+    print(f"method {result.method}; {len(requests)} request(s) in {n_batches} batch(es); edit took "
+          f"{result.timings['total']:.1f} s ("
+          + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if k != "total") + ")")
+    shown = 20
+    for r, d in list(zip(result.requests, result.diagnostics, strict=True))[:shown]:
         line = f"  {r.text!r} -> {r.target_text!r}: P before {d.get('target_prob_before', float('nan')):.4f}, after {d.get('target_prob_after', float('nan')):.4f}"
         if r.target_true is not None:
             pt = target_prob(model, tok, [r.text], [r.true_text]).item()
             line += f"; P({r.true_text!r}) after {pt:.4f}"
         print(line)
+    if len(result.requests) > shown:
+        after_p = [d.get("target_prob_after", float("nan")) for d in result.diagnostics]
+        better = sum(d.get("target_prob_after", 0) > d.get("target_prob_before", 1) for d in result.diagnostics)
+        print(f"  ... {len(result.requests) - shown} more; P(new target) rose for {better}/{len(after_p)} requests")
     print()
     for b, a in zip(before, after, strict=True):
         print(f"[before] {b}")

@@ -31,7 +31,12 @@ def register(subparsers) -> None:
         help="[KIND] PATH: the dataset file, optionally preceded by its kind: counterfact (ROME or flat EasyEdit "
         "layout), counterfact-flat, zsre; detected from the records when left out",
     )
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records (after --skip)")
+    p.add_argument(
+        "--skip", type=int, default=0, metavar="N",
+        help="leave out the first N records (with --limit: records N..N+limit-1), e.g. to report "
+        "on records that took no part in choosing hyperparameters",
+    )  # fmt: skip
     p.add_argument(
         "--out", default=None, help="results JSONL (default: eval-<method>-<data>.jsonl)"
     )
@@ -46,6 +51,19 @@ def register(subparsers) -> None:
         type=int,
         default=10,
         help="sequential: re-measure all edits every K edits",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="mass editing (MEMIT/AlphaEdit protocol): edit N cases at once and measure them on the "
+        "edited model; with --sequential the batches stay in place and everything is measured at the end",
+    )
+    p.add_argument(
+        "--gen-sample",
+        type=int,
+        default=100,
+        help="with --batch-size: measure generations (GE/RS) on a fixed sample of this many cases",
     )
     p.add_argument(
         "--no-generation", action="store_true", help="skip the generations (no GE/RS): much faster"
@@ -123,9 +141,16 @@ def _data_args(values: list[str]) -> tuple[str | None, Path]:
 
 
 def default_out(
-    method: str, data: Path, sequential: bool, generation: bool, shard: tuple[int, int] | None = None
+    method: str,
+    data: Path,
+    sequential: bool,
+    generation: bool,
+    shard: tuple[int, int] | None = None,
+    skip: int = 0,
+    batch_size: int | None = None,
 ) -> Path:
-    stem = re.sub(r"[^\w.-]", "_", f"eval-{method}-{data.stem}")
+    stem = re.sub(r"[^\w.-]", "_", f"eval-{method}-{data.stem}" + (f"-b{batch_size}" if batch_size else ""))
+    stem += f"-from{skip}" if skip else ""
     part = f"-shard{shard[0]}of{shard[1]}" if shard else ""
     return Path(stem + ("-seq" if sequential else "") + ("" if generation else "-nogen") + part + ".jsonl")
 
@@ -154,7 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = (
         Path(args.out)
         if args.out
-        else default_out(args.method, data, args.sequential, generation, shard)
+        else default_out(args.method, data, args.sequential, generation, shard, args.skip, args.batch_size)
     )
     if args.summary_only:
         _write_outputs(summarize(read_results(out)), args)
@@ -165,7 +190,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # now, the hyperparameters against the model in make_config (which raises on a bad field
     # or value), so a failed run leaves nothing behind.
     get_method(args.method)
-    cases = load_dataset(data, kind, limit=args.limit, skip_invalid=args.skip_invalid)
+    if args.skip < 0:
+        raise ValueError(f"--skip must be >= 0, got {args.skip}")
+    limit = None if args.limit is None else args.skip + args.limit
+    cases = load_dataset(data, kind, limit=limit, skip_invalid=args.skip_invalid)[args.skip :]
     if not cases:
         raise ValueError(f"{data} holds no usable records")
     if shard:
@@ -207,6 +235,17 @@ def _evaluate(
     )
     if is_main_process():
         print(f"{len(cases)} cases from {data}; results -> {out}", file=sys.stderr)
+    if args.batch_size is not None:
+        if distributed:
+            raise ValueError("--batch-size runs cannot be split over processes (run without torchrun)")
+        from ..evaluate.batch import run_batch_evaluation
+
+        summary = run_batch_evaluation(
+            model, tok, cases, config, out, batch_size=args.batch_size, hparams=hparams,
+            gen_sample=args.gen_sample, progress=not args.no_progress, overwrite=args.overwrite,
+        )  # fmt: skip
+        _write_outputs(summary, args)
+        return 0
     run = run_distributed_evaluation if distributed else run_evaluation
     if distributed:
         _shared_statistics(model, tok, config.hparams)

@@ -30,7 +30,7 @@ from .base import (
 )
 
 #: Methods of the research code that factedit does not provide yet.
-NOT_YET_AVAILABLE = {"mend", "mend-cf", "mend-zsre", "ke", "ke-cf", "ke-zsre"}
+NOT_YET_AVAILABLE: set[str] = set()
 
 
 class MethodNotAvailableError(ValueError):
@@ -41,11 +41,14 @@ def _methods() -> dict[str, type[EditMethod]]:
     # Imported here so that importing factedit does not import every method's dependencies.
     # Every method module is imported unconditionally: one that fails to import is an error
     # for every caller, never a silently missing method.
+    from .alphaedit import AlphaEdit
     from .ft import FT, FTL, FTAttnEdit
     from .kn import KN
+    from .learned import LEARNED_METHODS
+    from .memit import MEMIT
     from .rome import ROME
 
-    classes: list[type[EditMethod]] = [ROME, FT, FTL, FTAttnEdit, KN]
+    classes: list[type[EditMethod]] = [ROME, FT, FTL, FTAttnEdit, KN, MEMIT, AlphaEdit, *LEARNED_METHODS]
     return {c.name: c for c in classes}
 
 

@@ -90,11 +90,11 @@ class ROMEHParams(HParams):
             one once and run only the rest at each step (same values, about 2x faster).
         efficacy_retries: after the update is applied, the new target must beat the old one on
             the request prompt; if it does not, the update is taken back and retried up to
-            this many times: with ``key_mode="mean"`` and a converged δ, first as a
-            ``"each"`` update (every optimised key gets the full shift); otherwise the
-            optimisation continues from δ (more steps, a looser clamp when the clamp held δ
-            back, a stricter criterion). Then a :class:`EditEfficacyWarning` names the
-            probabilities.
+            this many times: with ``key_mode="mean"`` (or ``"min"``), first as a ``"each"``
+            update (every optimised key gets the full shift); when δ had not converged, or
+            the ``"each"`` update fails too, the optimisation continues from δ (more steps, a
+            looser clamp when the clamp held δ back, a stricter criterion). Then a
+            :class:`EditEfficacyWarning` names the probabilities.
     """
 
     layer: int = 5
@@ -227,12 +227,13 @@ def _edit_one(
         attempts += 1
         editor.undo_last()
         log.info("ROME: %r does not beat %r yet (%s); retrying", request.target_text, old_text, check)
-        if update_hp.key_mode in ("mean", "min") and not hp.original_key_bug and values.done:
-            # The optimised shift was enough, but the mean-key update scales it by
-            # uᵀkᵢ/uᵀk* at each prompt, less than 1 at the bare prompt here: give every
-            # optimised key the full shift instead (key_mode="each"), keeping δ.
+        if update_hp.key_mode in ("mean", "min") and not hp.original_key_bug:
+            # The mean-key update scales the shift by uᵀkᵢ/uᵀk* at each prompt, which can be
+            # far below 1 at the bare prompt: give every optimised key the full shift instead
+            # (key_mode="each"); keep δ if it had converged, else optimise further too.
             update_hp = hp.replace(key_mode="each")
-            continue
+            if values.done:
+                continue
         # The update did not carry the optimised shift far enough on the request prompt (the
         # other tokens of the subject moved too, or the clamp held δ back): continue from δ,
         # with a looser clamp if it was binding and a stricter criterion.

@@ -1,0 +1,101 @@
+"""Mass and sequential editing on CounterFact: MEMIT / AlphaEdit batches, and ROME one by one.
+
+Edits N CounterFact records with the MEMIT/AlphaEdit protocol (:mod:`factedit.evaluate.batch`):
+all N in batches of ``--batch-size`` (each batch on the unedited model, or with
+``--sequential`` one batch after another and everything measured at the end), and prints
+ES/PS/NS (and GE on a fixed sample) before and after, wall-clock seconds all-in and per fact,
+peak resident memory, the thread count and the command to reproduce.
+
+    python bench/bench_mass_editing.py --method memit --n 1000 --batch-size 1000
+    python bench/bench_mass_editing.py --method alphaedit --n 1000 --batch-size 100 --sequential
+    python bench/bench_mass_editing.py --method memit --n 1000 --batch-size 100 --sequential
+    python bench/bench_mass_editing.py --method rome --n 300 --batch-size 1 --sequential \
+        --checkpoint-every 50 [--hparams '{"original_key_bug": true}']   # ROME's collapse curve
+
+``--offset`` skips records (tune on records >= 200 of the dev file, report on the first 200 or
+on the flat train file). ``--data`` takes the flat ``counterfact-train.json`` or ROME's
+``counterfact_dev.json`` (default). The ROME collapse curve uses the sequential runner
+(:func:`factedit.evaluate.run_evaluation`) with checkpoints that re-measure all edits so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_path(name: str) -> Path:
+    base = Path(os.environ.get("FACTEDIT_DATA_DIR", REPO.parent / "shared" / "data"))
+    return base / "counterfact" / name
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="memit")
+    ap.add_argument("--n", type=int, default=100, help="records edited")
+    ap.add_argument("--offset", type=int, default=0, help="skip this many records first")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: all N in one batch")
+    ap.add_argument("--sequential", action="store_true")
+    ap.add_argument("--checkpoint-every", type=int, default=50, help="ROME sequential: re-measure every K edits")
+    ap.add_argument("--gen-sample", type=int, default=100, help="cases with generations (GE); 0: none")
+    ap.add_argument("--hparams", default=None, help="inline JSON overrides")
+    ap.add_argument("--data", default="counterfact_dev.json", help="file name under shared/data/counterfact or a path")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="results JSONL (default: a temporary file)")
+    ap.add_argument("--json", default=None, help="write the summary here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from factedit import load_model
+    from factedit.evaluate import load_dataset, make_config, run_evaluation
+    from factedit.evaluate.batch import run_batch_evaluation
+
+    path = Path(args.data) if Path(args.data).is_file() else data_path(args.data)
+    hparams = json.loads(args.hparams) if args.hparams else None
+    t_all = time.perf_counter()
+    model, tok = load_model()
+    cases = load_dataset(path, limit=args.offset + args.n)[args.offset :]
+    batch = args.batch_size or len(cases)
+    generation = args.gen_sample > 0
+    cfg = make_config(model, method=args.method, hparams=hparams, model_name="smollm2-135m", dataset=path,
+                      kind="counterfact", sequential=args.sequential,
+                      checkpoint_every=args.checkpoint_every if args.method == "rome" else None,
+                      generation=generation)  # fmt: skip
+    tmp = tempfile.TemporaryDirectory()
+    out = Path(args.out) if args.out else Path(tmp.name) / "results.jsonl"
+    t0 = time.perf_counter()
+    if args.method.lower() == "rome" or batch == 1:
+        summary = run_evaluation(model, tok, cases, cfg, out, hparams=hparams, overwrite=True)
+    else:
+        summary = run_batch_evaluation(model, tok, cases, cfg, out, batch_size=batch, hparams=hparams,
+                                       gen_sample=args.gen_sample, overwrite=True)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    total = time.perf_counter() - t_all
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    edit_s = sum(v.mean * v.n for k, v in summary.seconds.items() if k == "edit")
+    print(summary.to_markdown())
+    print()
+    print(f"{args.method}: {len(cases)} edits of {path.name}[{args.offset}:{args.offset + len(cases)}] in batches of {batch}"
+          f"{', sequential' if args.sequential else ''}; torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(f"editing {edit_s:.0f} s ({edit_s / len(cases):.2f} s per fact); evaluation run {seconds:.0f} s; "
+          f"all-in {total:.0f} s incl. model load; peak RSS {peak_gb:.2f} GB")
+    print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**summary.to_dict(), "edit_seconds": edit_s, "run_seconds": seconds,
+                                               "all_in_seconds": total, "peak_rss_gb": peak_gb,
+                                               "command": sys.argv}, indent=1, default=str))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Evaluation of mass editing, following the MEMIT/AlphaEdit protocol.
+
+* batch (default): the cases are cut into batches of ``batch_size``; each batch is edited at once
+  on the unedited model, every case of the batch is measured on the edited model, and the
+  weights are restored before the next batch (MEMIT's ``--num_edits``);
+* sequential: the batches are applied one after another in one
+  :class:`~factedit.session.EditSession` (AlphaEdit's protocol) and every case is measured at
+  the end, on the model holding all the edits.
+
+"pre" metrics are measured on the unedited model. Generation (GE, RS) is measured only on a
+fixed sample of ``gen_sample`` cases (chosen by the run's seed), so a 1,000-edit run stays
+affordable. Results go to the same JSONL layout as :func:`~factedit.evaluate.runner.run_evaluation`
+(header with the configuration plus ``protocol``, ``batch_size``, ``gen_sample``; one line per
+case) and summarise with the same :func:`~factedit.evaluate.runner.summarize`. Batch mode
+resumes at batch granularity; a sequential run is written when it completes (an interrupted one
+starts again).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .datasets import EvalCase
+from .runner import (
+    ConfigMismatchError,
+    EvalConfig,
+    ResultsFile,
+    Summary,
+    _append,
+    _json_id,
+    config_differences,
+    measure_case,
+    read_results,
+    summarize,
+)
+
+log = logging.getLogger(__name__)
+
+
+def generation_sample(cases: Sequence[EvalCase], n: int, seed: int) -> set[Any]:
+    """The case ids whose generations are measured: ``n`` cases drawn with ``seed`` (all when
+    there are fewer), the same for every method and batch size on the same cases."""
+    ids = [_json_id(c.case_id) for c in cases]
+    if n >= len(ids):
+        return set(ids)
+    return set(random.Random(seed).sample(ids, n))
+
+
+def run_batch_evaluation(
+    model: nn.Module,
+    tok: Any,
+    cases: Sequence[EvalCase],
+    config: EvalConfig,
+    out: str | Path,
+    *,
+    batch_size: int,
+    hparams: Any = None,
+    gen_sample: int = 100,
+    reference_scorer: Any = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    context: Any = None,
+) -> Summary:
+    """Evaluate ``config.method`` on ``cases`` edited ``batch_size`` at a time (see the module
+    docstring; ``config.sequential`` chooses the protocol). Returns the :class:`Summary`.
+
+    Guarantees: the model's weights are the same on return (or exception) as on entry; a results
+    file with another configuration raises :class:`ConfigMismatchError` unless ``overwrite``.
+    """
+    from tqdm.auto import tqdm
+
+    from ..methods import EditContext
+    from ..session import EditSession
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    out = Path(out)
+    cfg = {**config.to_dict(), "protocol": "batch", "batch_size": batch_size, "gen_sample": gen_sample}
+    if out.exists() and overwrite:
+        out.unlink()
+    existing = ResultsFile(None, [], [])
+    if out.exists() and out.stat().st_size > 0:
+        existing = read_results(out, repair=True)
+        if existing.config is not None and existing.config != cfg:
+            diffs = "; ".join(config_differences(existing.config, cfg))
+            raise ConfigMismatchError(
+                f"{out} holds results of a different configuration ({diffs}); use another output file or overwrite it"
+            )
+    if existing.header is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        notes = [f"mass editing: batches of {batch_size}" + (", applied sequentially" if config.sequential else "")
+                 + f"; GE/RS on a fixed sample of {gen_sample} cases"]  # fmt: skip
+        _append(out, {"type": "header", "config": cfg, "notes": notes, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    done = {c["case_id"] for c in existing.cases}
+    batches = [list(cases[s : s + batch_size]) for s in range(0, len(cases), batch_size)]
+    todo = [b for b in batches if not all(_json_id(c.case_id) in done for c in b)]
+    if config.sequential and done and todo:
+        raise ConfigMismatchError(f"{out} holds part of a sequential run; rerun with overwrite")
+    gen_ids = generation_sample(cases, gen_sample, config.seed) if config.generation else set()
+    if gen_ids and reference_scorer is None and config.kind == "counterfact":
+        from .tfidf import load_reference_scorer
+
+        reference_scorer = load_reference_scorer()
+    context = context or EditContext(progress=False)
+    todo_cases = [c for b in todo for c in b]
+    bar = tqdm(total=2 * len(todo_cases), disable=not progress, desc=f"eval {config.method} (batches of {batch_size})",
+               unit="case", dynamic_ncols=True)  # fmt: skip
+
+    def measure(case: EvalCase, pre: Any = None) -> Any:
+        gen = _json_id(case.case_id) in gen_ids
+        m = measure_case(model, tok, case, config, pre=pre, generation=gen, reference_scorer=reference_scorer)
+        bar.update(1)
+        return m
+
+    session = EditSession(model, tok, method=config.method, hparams=hparams, context=context)
+    try:
+        pres = {_json_id(c.case_id): measure(c) for c in todo_cases}
+        if config.sequential:
+            edit_seconds = {}
+            for b in todo:
+                t0 = time.perf_counter()
+                session.apply([c.request for c in b])
+                for c in b:
+                    edit_seconds[_json_id(c.case_id)] = (time.perf_counter() - t0) / len(b)
+            records = [_record(c, pres, measure(c, pres[_json_id(c.case_id)]), edit_seconds) for c in todo_cases]
+            for rec in records:
+                _append(out, rec)
+        else:
+            for b in todo:
+                t0 = time.perf_counter()
+                session.apply([c.request for c in b])
+                secs = {_json_id(c.case_id): (time.perf_counter() - t0) / len(b) for c in b}
+                try:
+                    posts = [measure(c, pres[_json_id(c.case_id)]) for c in b]
+                finally:
+                    session.revert_all()
+                for c, post in zip(b, posts, strict=True):
+                    _append(out, _record(c, pres, post, secs))
+    finally:
+        bar.close()
+        session.revert_all()
+    return summarize(read_results(out), [c.case_id for c in cases])
+
+
+def _record(case: EvalCase, pres: dict[Any, Any], post: Any, edit_seconds: dict[Any, float]) -> dict[str, Any]:
+    cid = _json_id(case.case_id)
+    pre = pres[cid]
+    seconds = {
+        "edit": edit_seconds[cid],
+        "pre_eval": sum(pre.seconds.values()),
+        "post_eval": sum(post.seconds.values()),
+    }
+    rec: dict[str, Any] = {
+        "type": "case",
+        "case_id": case.case_id,
+        "pre": pre.metrics,
+        "post": post.metrics,
+        "seconds": seconds,
+        "pre_neighborhood_argmax": [list(a) for a in pre.neighborhood.true_argmax],
+    }
+    if post.generations:
+        rec["generations"] = {"pre": pre.generations, "post": post.generations}
+    return rec
+
+
+__all__ = ["generation_sample", "run_batch_evaluation"]

@@ -1,0 +1,121 @@
+"""A trained editor loaded for use: checks the model, turns one request into weight changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import ModelArch
+from ..hooks import get_module
+from .artifact import EditorFileError, EditorMismatchError, base_fingerprint, read
+from .core import (
+    ExampleBatch,
+    Factors,
+    edit_gradient_factors,
+    example_batch,
+    layer_shapes,
+    to_storage,
+)
+from .nets import build_editor
+
+
+class ZeroGradientError(ValueError):
+    """The request's fine-tuning gradient is (numerically) zero: the model already predicts
+    the new target, so a gradient-based editor has nothing to transform. Nothing was changed."""
+
+
+def condition_embeddings(model: nn.Module, arch: ModelArch, tok: Any, text: str) -> torch.Tensor:
+    """The base model's (frozen) input embeddings of ``text``, ``(tokens, hidden)``."""
+    ids = tok(text, return_tensors="pt")["input_ids"].to(get_module(model, arch.embed).weight.device)
+    with torch.no_grad():
+        return get_module(model, arch.embed)(ids)[0].float()
+
+
+@dataclass
+class LearnedEditor:
+    """A trained MEND or KE editor and what it was trained for (see :mod:`.artifact`)."""
+
+    family: str
+    variant: str
+    layers: list[int]
+    net: nn.Module
+    header: dict[str, Any]
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, embed_dim: int | None = None) -> LearnedEditor:
+        """Read an editor file (safetensors + JSON header; no pickle)."""
+        header, tensors = read(path)
+        if "layers" not in header or header.get("kind") != "editor":
+            raise EditorFileError(f"{path} is not a finished editor (a checkpoint? finish training first)")
+        cfg = header["config"]
+        shapes = [tuple(s) for s in header["shapes"]]
+        net = build_editor(header["family"], shapes, header["embed_dim"], cfg)
+        try:
+            net.load_state_dict(tensors, strict=True)
+        except RuntimeError as exc:
+            raise EditorFileError(f"{path}: tensors do not match the editor described in its header: {exc}") from None
+        net.eval()
+        return cls(header["family"], header["variant"], list(header["layers"]), net, header, Path(path))
+
+    def param_names(self, arch: ModelArch) -> list[str]:
+        return [arch.mlp_out_weight_name(i) for i in self.layers]
+
+    def check_model(self, model: nn.Module, arch: ModelArch) -> None:
+        """Raise :class:`EditorMismatchError` unless this editor was trained for ``model``."""
+        made_on = self.header.get("base_model", {})
+        where = made_on.get("name_or_path") or made_on.get("model_key") or "another model"
+        if max(self.layers) >= arch.n_layers:
+            raise EditorMismatchError(
+                f"this editor was trained for {where} (edits layers {self.layers}); this model has "
+                f"{arch.n_layers} layers. The model was not changed."
+            )
+        shapes = layer_shapes(model, arch, self.layers)
+        if [list(s) for s in shapes] != [list(s) for s in self.header["shapes"]]:
+            raise EditorMismatchError(
+                f"this editor was trained for {where}: its layers have shapes {self.header['shapes']}, "
+                f"here {[list(s) for s in shapes]}. The model was not changed."
+            )
+        fp = base_fingerprint(model, arch, self.param_names(arch))
+        if fp != made_on.get("fingerprint"):
+            raise EditorMismatchError(
+                f"this editor was trained for a different base model ({where}); its weights differ "
+                "from this model's. Train an editor for this model (factedit train ...). "
+                "The model was not changed."
+            )
+
+    def compute(
+        self, model: nn.Module, tok: Any, arch: ModelArch, prompt: str, target: str, old: str | None,
+        min_grad_norm: float = 0.0,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Weight changes (parameter name → dense delta in storage orientation, float32) for
+        making ``prompt`` continue with ``target``; the model is not changed."""
+        device = get_module(model, arch.embed).weight.device
+        ex: ExampleBatch = example_batch(tok, [(prompt, target)], device)
+        factors, _, loss = edit_gradient_factors(model, arch, self.layers, ex, None)
+        return self.from_factors(model, tok, arch, factors, loss, prompt, target, old, min_grad_norm)
+
+    def from_factors(
+        self, model: nn.Module, tok: Any, arch: ModelArch, factors: Factors, loss: float,
+        prompt: str, target: str, old: str | None, min_grad_norm: float = 0.0,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        gnorm = factors.grad_norm()
+        if not torch.isfinite(torch.tensor(gnorm)) or gnorm <= min_grad_norm:
+            raise ZeroGradientError(
+                f"the fine-tuning gradient of {prompt!r} -> {target!r} is {gnorm:.3g} "
+                f"(NLL {loss:.3g}): the model already predicts the target, so there is nothing to "
+                "edit. The model was not changed."
+            )
+        cond = None
+        if self.family == "ke":
+            text = f"{(old or '').strip()} >> {target.strip()} || {prompt}"
+            cond = condition_embeddings(model, arch, tok, text)
+        with torch.no_grad():
+            deltas = self.net(factors, cond)
+        out = {n: to_storage(arch, d) for n, d in zip(self.param_names(arch), deltas, strict=True)}
+        diag = {"nll_before": loss, "grad_norm": gnorm, "delta_norms": [float(d.norm()) for d in deltas]}
+        return out, diag

@@ -1,0 +1,155 @@
+"""AlphaEdit: null-space constrained knowledge editing (Fang et al. 2025, "AlphaEdit: Null-Space
+Constrained Knowledge Editing for Language Models").
+
+AlphaEdit is MEMIT (same values, same spreading over a layer range) with another update:
+
+    ΔW = R Kᵀ P (K Kᵀ P + K_p K_pᵀ P + α·I)⁻¹
+
+where P projects onto the (approximate) null space of the preserved knowledge, the span of the
+eigenvectors of E[kkᵀ] whose eigenvalues are below ``nullspace_threshold``: ΔW = (…) P, so
+ΔW k ≈ 0 for the keys the corpus statistics describe. K_p are the keys of the edits made
+earlier in the same sequence, so a new batch is fitted without undoing them (they enter the
+normal equations) while P keeps general knowledge in place.
+
+The keys of earlier batches are state that grows across calls: they live in an
+:class:`AlphaEditState` kept in the :class:`~factedit.methods.base.EditContext` (an
+:class:`~factedit.session.EditSession` holds that context and takes keys back out when it
+reverts batches). Without a shared context each call starts with no earlier keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import ModelArch
+from .base import EditContext, LowRankDelta
+from .memit import MEMIT, MEMITHParams, as_weight_delta
+
+#: Where an :class:`AlphaEditState` lives in :attr:`EditContext.memo`.
+STATE_KEY = "alphaedit/state"
+
+
+@dataclass
+class AlphaEditHParams(MEMITHParams):
+    """MEMIT's hyperparameters plus AlphaEdit's.
+
+    Attributes:
+        nullspace_threshold: eigenvalues of E[kkᵀ] (normalised by the token count) below this
+            span the null space P projects onto. AlphaEdit uses 1e-2 (Llama-3, GPT-J).
+        l2: α, the ridge on the projected normal equations (AlphaEdit's ``L2``: 10 for
+            Llama-3-8B).
+    """
+
+    nullspace_threshold: float = 1e-2
+    l2: float = 10.0
+
+
+@dataclass
+class AlphaEditState:
+    """The keys of the edits made so far in a sequence, per layer, one tensor per batch
+    (float32, ``(n, in)``, on the CPU), and the projectors, per layer."""
+
+    keys: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    projectors: dict[tuple[int, float, int], torch.Tensor] = field(default_factory=dict)
+    pending: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def n_batches(self) -> int:
+        return max((len(v) for v in self.keys.values()), default=0)
+
+    def truncate(self, n_batches: int) -> None:
+        """Forget the keys of all batches after the first ``n_batches``."""
+        for layer in self.keys:
+            del self.keys[layer][n_batches:]
+
+    def gram(self, layer: int, device: torch.device) -> torch.Tensor | None:
+        """Σ K_p K_pᵀ over the earlier batches at ``layer`` (float64), or ``None``."""
+        parts = self.keys.get(layer, [])
+        if not parts:
+            return None
+        k = torch.cat(parts).to(device, torch.float64)
+        return k.T @ k
+
+
+def state_of(context: EditContext) -> AlphaEditState:
+    """The :class:`AlphaEditState` of ``context`` (created on first use)."""
+    state = context.memo.get(STATE_KEY)
+    if state is None:
+        state = AlphaEditState()
+        context.memo[STATE_KEY] = state
+    return state
+
+
+def nullspace_projector(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U₀U₀ᵀ, U₀ the eigenvectors of the symmetric ``mom2`` with eigenvalues below
+    ``threshold`` (float64). P is symmetric and idempotent; P k = 0 for every k in the span of
+    the other eigenvectors."""
+    c = mom2.to(torch.float64)
+    evals, evecs = torch.linalg.eigh((c + c.T) / 2)
+    u0 = evecs[:, evals < threshold]
+    return u0 @ u0.T
+
+
+def alphaedit_delta(
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    projector: torch.Tensor,
+    preserved_gram: torch.Tensor | None,
+    l2: float,
+    arch: ModelArch,
+) -> LowRankDelta | torch.Tensor:
+    """ΔW = R Kᵀ P (K Kᵀ P + K_p K_pᵀ P + α I)⁻¹ for keys ``(n, in)`` and residuals ``(n, out)``,
+    in float64, in the weight's storage orientation. Its row space lies in P's range, so
+    ΔW k = 0 for keys that P annihilates."""
+    p = projector.to(torch.float64)
+    k = keys.to(p.device, torch.float64)  # (n, in)
+    g = k.T @ k
+    if preserved_gram is not None:
+        g = g + preserved_gram.to(p.device, torch.float64)
+    # Transposed form of the paper's update (P and the Gram matrices are symmetric):
+    # ΔWᵀ = (P G + α I)⁻¹ P K Rᵀ, i.e. ΔW = R Xᵀ with X = (P G + α I)⁻¹ P K.
+    a = p @ g + l2 * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    x = torch.linalg.solve(a, p @ k.T)  # (in, n)
+    return as_weight_delta(resid.to(p.device, torch.float64).T, x, arch)
+
+
+class AlphaEdit(MEMIT):
+    name = "alphaedit"
+    summary = "MEMIT with updates projected onto the null space of preserved keys (sequential editing)"
+    hparams_class = AlphaEditHParams
+
+    def check(self, hparams: AlphaEditHParams, arch: ModelArch) -> None:  # type: ignore[override]
+        super().check(hparams, arch)
+        if hparams.nullspace_threshold <= 0 or hparams.l2 <= 0:
+            raise ValueError("nullspace_threshold and l2 must be positive")
+
+    def prepare(self, model: nn.Module, tok: Any, hp: AlphaEditHParams, arch: ModelArch,  # type: ignore[override]
+                context: EditContext, mom2: dict[int, torch.Tensor]) -> None:  # fmt: skip
+        self._state = state_of(context)
+        self._state.pending = {}
+        self._projectors = {}
+        for layer in hp.layers:
+            # Keyed on the statistics tensor too (pinned in the context, so its address is stable).
+            key = (layer, hp.nullspace_threshold, mom2[layer].data_ptr())
+            if key not in self._state.projectors:
+                self._state.projectors[key] = nullspace_projector(mom2[layer], hp.nullspace_threshold)
+            self._projectors[layer] = self._state.projectors[key]
+
+    def layer_update(  # type: ignore[override]
+        self, layer: int, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, hp: AlphaEditHParams, arch: ModelArch
+    ) -> LowRankDelta | torch.Tensor:
+        p = self._projectors[layer]
+        return alphaedit_delta(keys, resid, p, self._state.gram(layer, p.device), hp.l2, arch)
+
+    def record_keys(self, layer: int, keys: torch.Tensor, context: EditContext) -> None:
+        self._state.pending[layer] = keys.detach().float().cpu()
+
+    def finish(self, context: EditContext) -> None:
+        # Only a batch that was applied completely joins the preserved keys.
+        for layer, k in self._state.pending.items():
+            self._state.keys.setdefault(layer, []).append(k)
+        self._state.pending = {}

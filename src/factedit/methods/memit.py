@@ -1,0 +1,365 @@
+"""MEMIT: mass-editing memory in a transformer (Meng et al. 2023, "Mass-Editing Memory in a
+Transformer").
+
+A batch of facts is written into the MLP output projections of a range of layers:
+
+1. **Values**: for every request a shift δ of the residual stream at the subject's last token,
+   after the range's top layer, is optimised so that the new target follows the prompt in every
+   context template (:func:`factedit.values.optimize_values`: all requests of a chunk in one
+   batched forward/backward, each with its own δ, early stop and clamp). The target hidden
+   state is z = h_top + δ (h_top measured on the bare prompt).
+2. **Spreading**, bottom-up over the range: at layer l the keys K (the projection's inputs at the
+   subject's last token, averaged over the templates) and the current top-layer hidden state are
+   recomputed on the model as edited so far; the remaining residual R = (z − h_top) is divided by
+   the number of layers left, and
+   ΔW = R Kᵀ (λ·E[kkᵀ] + K Kᵀ)⁻¹ (solved in float64) is applied to layer l's projection in its
+   storage orientation.
+
+E[kkᵀ] are the statistics of the *unedited* model (:mod:`factedit.stats`, all layers of the
+range from one truncated pass). Once layers of the range are edited, the statistics' cache key
+(which hashes the weights below each layer) changes; so all statistics are read before the
+first update of a call, and an :class:`~factedit.methods.base.EditContext` (or an
+:class:`~factedit.session.EditSession`) keeps them, pinned to the base model, across calls.
+
+AlphaEdit (:mod:`factedit.methods.alphaedit`) reuses everything here but the update.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import ModelArch
+from ..fingerprint import base_model_fingerprint
+from ..hooks import TraceDict, as_batch_seq, first_tensor, with_first_tensor
+from ..hparams import HParams
+from ..models import model_device, parse_dtype
+from ..requests import EditRequest, check_conflicts
+from ..scoring import target_token_scores
+from ..stats import layers_stats
+from ..tokens import encode_target
+from ..values import ValueConfig, build_rows, optimize_values
+from .base import EditContext, EditMethod, LowRankDelta, PhaseTimer, WeightEditor
+from .rome import context_templates
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MEMITHParams(HParams):
+    """MEMIT's hyperparameters (defaults: the research code's GPT-J settings; the shipped file
+    for SmolLM2 was chosen by measurement, see ``docs/mass_editing.md``).
+
+    Attributes:
+        layers: the range of blocks whose MLP output projections are edited (ascending); the
+            values are optimised after the top one.
+        context_templates, template_seed: generated prefixes (as ROME's).
+        v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, kl_prompts,
+            early_stop_loss, value_dtype, replay_lower_layers, value_margin: the value
+            optimisation (see :class:`factedit.values.ValueConfig`); the clamp is relative to
+            the norm of the top layer's MLP output.
+        value_batch_size: requests optimised together in one batch (memory grows with it).
+        key_batch_rows: prompt rows per forward pass when computing keys.
+        mom2_update_weight: λ, the weight of E[kkᵀ] (normalised by the token count) against
+            K Kᵀ of the batch.
+        mom2_tokens: corpus tokens for E[kkᵀ].
+    """
+
+    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
+    context_templates: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    template_seed: int = 0
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    kl_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
+    early_stop_loss: float = 0.05
+    value_dtype: str | None = None
+    replay_lower_layers: bool = True
+    value_margin: float | None = 0.0
+    value_batch_size: int = 16
+    key_batch_rows: int = 128
+    mom2_update_weight: float = 15000.0
+    mom2_tokens: int = 200_000
+
+    def adapt(self, arch: ModelArch) -> MEMITHParams:
+        # The research code edits layers 3..8 of GPT-J's 28 (11 %-29 % of the depth).
+        lo = max(0, round(arch.n_layers * 0.11))
+        hi = max(lo, min(arch.n_layers - 1, round(arch.n_layers * 0.29)))
+        return self.replace(layers=list(range(lo, hi + 1)))
+
+
+class MEMIT(EditMethod):
+    name = "memit"
+    summary = "batched edits spread over a range of MLP layers (mass editing)"
+    hparams_class = MEMITHParams
+
+    def check(self, hparams: MEMITHParams, arch: ModelArch) -> None:
+        layers = list(hparams.layers)
+        if not layers:
+            raise ValueError("layers is empty")
+        if layers != sorted(set(layers)):
+            raise ValueError(f"layers must be ascending and distinct, got {layers}")
+        bad = [i for i in layers if not 0 <= i < arch.n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: this model has layers 0..{arch.n_layers - 1}")
+        if hparams.v_num_grad_steps < 1 or hparams.v_lr <= 0:
+            raise ValueError("v_num_grad_steps must be >= 1 and v_lr > 0")
+        if hparams.mom2_tokens < 1 or hparams.value_batch_size < 1 or hparams.key_batch_rows < 1:
+            raise ValueError("mom2_tokens, value_batch_size and key_batch_rows must be positive")
+        if hparams.mom2_update_weight < 0:
+            raise ValueError("mom2_update_weight must be >= 0")
+        parse_dtype(hparams.value_dtype)
+        for p in hparams.kl_prompts:
+            if p.count("{}") != 1:
+                raise ValueError(f"kl_prompts entries need exactly one '{{}}': {p!r}")
+
+    def execute(
+        self,
+        model: nn.Module,
+        tok: Any,
+        requests: list[EditRequest],
+        hparams: MEMITHParams,
+        editor: WeightEditor,
+        arch: ModelArch,
+        context: EditContext,
+        timings: dict[str, float],
+    ) -> list[dict[str, Any]]:
+        check_conflicts(requests)
+        timer = PhaseTimer(timings)
+        with timer("templates"):
+            templates = context_templates(model, tok, hparams, context)
+        with timer("stats"):
+            # Before any update: the statistics must be those of the unedited model.
+            mom2 = base_stats(model, tok, hparams.layers, arch, context, hparams.mom2_tokens)
+        self.prepare(model, tok, hparams, arch, context, mom2)
+        with timer("probe"):
+            before, old_first = probe(model, tok, requests)
+        with timer("value"):
+            values, z = compute_targets(model, tok, requests, hparams, arch, templates, old_first, context.progress)
+        layers = list(hparams.layers)
+        top = layers[-1]
+        layer_info: list[dict[str, Any]] = []
+        for i, layer in enumerate(layers):
+            with timer("key"):
+                keys, h_top = keys_and_hidden(model, tok, requests, arch, layer, top, templates, hparams.key_batch_rows)
+            resid = (z - h_top) / (len(layers) - i)  # (n, hidden): spread over the layers left
+            with timer("update"):
+                delta = self.layer_update(layer, keys, resid, mom2[layer], hparams, arch)
+                editor.apply({arch.mlp_out_weight_name(layer): delta})
+            self.record_keys(layer, keys, context)
+            layer_info.append({"layer": layer, "resid_norm": float(resid.norm(dim=1).mean())})
+        self.finish(context)
+        with timer("probe"):
+            (after, _) = probe(model, tok, requests, old=False)
+            _, h_final = keys_and_hidden(model, tok, requests, arch, top, top, ["{}"], hparams.key_batch_rows)
+        diagnostics = []
+        for j, v in enumerate(values):
+            info = v.info()
+            info.update(
+                {
+                    "layers": layers,
+                    "target_prob_before": before[j],
+                    "target_prob_after": after[j],
+                    "z_error": float((z[j] - h_final[j]).norm() / max(float(v.delta.norm()), 1e-12)),
+                }
+            )
+            diagnostics.append(info)
+        if diagnostics:
+            diagnostics[0]["layer_residuals"] = layer_info
+        return diagnostics
+
+    # ---- what AlphaEdit overrides ---------------------------------------------------------
+    def prepare(self, model: nn.Module, tok: Any, hp: MEMITHParams, arch: ModelArch,
+                context: EditContext, mom2: dict[int, torch.Tensor]) -> None:  # fmt: skip
+        """Called once per edit, after the statistics are read and before any update."""
+
+    def layer_update(
+        self, layer: int, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, hp: MEMITHParams, arch: ModelArch
+    ) -> LowRankDelta | torch.Tensor:
+        """ΔW = R Kᵀ (λ·E[kkᵀ] + K Kᵀ)⁻¹ in the weight's storage orientation."""
+        return memit_delta(keys, resid, mom2, hp.mom2_update_weight, arch)
+
+    def record_keys(self, layer: int, keys: torch.Tensor, context: EditContext) -> None:
+        """Called with the keys each layer's update was made for."""
+
+    def finish(self, context: EditContext) -> None:
+        """Called after every layer's update was applied."""
+
+
+# ---- pieces shared with AlphaEdit --------------------------------------------------------
+
+
+def base_stats(
+    model: nn.Module, tok: Any, layers: list[int], arch: ModelArch, context: EditContext, tokens: int
+) -> dict[int, torch.Tensor]:
+    """E[kkᵀ] of each layer, pinned in ``context.memo`` to the base model.
+
+    The pin is keyed on :func:`~factedit.fingerprint.base_model_fingerprint` (which edits do not
+    change), the corpus and the token budget: a context that has seen the unedited model keeps
+    its statistics however many edits follow (the research code does the same through its
+    on-disk cache keyed on the model's name). Layers not pinned yet are read from the per-layer
+    cache or computed in one truncated pass on the model as it is now.
+    """
+    from ..corpus import as_corpus
+
+    corpus = as_corpus(context.stats_corpus)
+    tokens = context.stats_tokens or tokens
+    prefix = f"base-stats/{base_model_fingerprint(model)}/{corpus.identity}/{tokens}"
+    missing = [i for i in layers if f"{prefix}/{i}" not in context.memo]
+    if missing:
+        got = layers_stats(
+            model, tok, missing, arch=arch, corpus=corpus, tokens=tokens,
+            cache_dir=Path(context.cache_dir) / "stats" if context.cache_dir else None,
+            progress=context.progress,
+        )  # fmt: skip
+        for i in missing:
+            context.memo[f"{prefix}/{i}"] = got[i].mom2
+    return {i: context.memo[f"{prefix}/{i}"] for i in layers}
+
+
+@torch.no_grad()
+def probe(model: nn.Module, tok: Any, requests: list[EditRequest], old: bool = True) -> tuple[list[float], list[int | None]]:
+    """P(new target) after each request's prompt, and (with ``old``) the token the new target
+    must beat: ``target_true``'s first token, else the model's own first choice."""
+    scores = target_token_scores(model, tok, [r.text for r in requests], [r.target_text for r in requests])
+    probs = [float(s.logprobs.sum().exp()) for s in scores]
+    if not old:
+        return probs, []
+    firsts: list[int | None] = []
+    for r, s in zip(requests, scores, strict=True):
+        new_first = encode_target(tok, r.target_text)[0]
+        if r.true_text is not None:
+            ids = encode_target(tok, r.true_text)
+            o = ids[0] if ids else None
+        else:
+            o = int(s.argmax[0])
+        firsts.append(None if o is None or o == new_first else o)
+    return probs, firsts
+
+
+def compute_targets(
+    model: nn.Module,
+    tok: Any,
+    requests: list[EditRequest],
+    hp: MEMITHParams,
+    arch: ModelArch,
+    templates: list[str],
+    old_first: list[int | None],
+    progress: bool,
+) -> tuple[list[Any], torch.Tensor]:
+    """Optimise δ for every request at the top layer (chunks of ``value_batch_size``, each in
+    one batched optimisation) and return the value results and the target hidden states
+    z = h_top + δ ``(n, hidden)``, float32."""
+    top = hp.layers[-1]
+    cfg = ValueConfig.from_hparams(hp)
+    values = []
+    chunks = range(0, len(requests), hp.value_batch_size)
+    bar = None
+    if progress and len(chunks) > 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(requests), desc="MEMIT values", unit="req")
+    for s in chunks:
+        part = requests[s : s + hp.value_batch_size]
+        values += optimize_values(
+            model, tok, part, arch, top, templates, cfg, old_first=old_first[s : s + hp.value_batch_size],
+            progress=progress and bar is None,
+        )  # fmt: skip
+        if bar is not None:
+            bar.update(len(part))
+    if bar is not None:
+        bar.close()
+    # z: the top block's output with δ added at its MLP output (for Llama-style blocks simply
+    # h_top + δ; measured, so blocks with a norm after the MLP are right too).
+    delta = torch.stack([v.delta for v in values])
+    _, z = keys_and_hidden(model, tok, requests, arch, top, top, ["{}"], hp.key_batch_rows, shift=delta)
+    return values, z
+
+
+@torch.no_grad()
+def keys_and_hidden(
+    model: nn.Module,
+    tok: Any,
+    requests: list[EditRequest],
+    arch: ModelArch,
+    layer: int,
+    top: int,
+    templates: list[str],
+    batch_rows: int = 128,
+    shift: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each request: the key at ``layer`` (the MLP output projection's input at the subject's
+    last token, averaged over ``templates``) ``(n, mlp_size)``, and the output of block ``top``
+    at the subject's last token of the bare prompt ``(n, hidden)``; both float32.
+
+    Rows of all requests are batched ``batch_rows`` at a time; the forward pass stops after
+    block ``top``. ``shift`` ``(n, hidden)``: added to block ``top``'s MLP output at the subject's
+    last token of every row (the value optimisation's δ), to read the target hidden state.
+    """
+    device = model_device(model)
+    n_t = len(templates)
+    bare_t = templates.index("{}") if "{}" in templates else 0
+    per_chunk = max(1, batch_rows // n_t)
+    key_name, top_name, mlp_name = arch.mlp_out_name(layer), arch.layer_name(top), arch.mlp_name(top)
+    keys, hidden = [], []
+    cur: dict[str, torch.Tensor] = {}
+
+    def add_shift(output: Any, name: str) -> Any:
+        if name != mlp_name or shift is None:
+            return output
+        flat = first_tensor(output)
+        h = as_batch_seq(flat, *cur["ids"].shape).clone()
+        r = torch.arange(h.shape[0], device=h.device)
+        h[r, cur["pos"].to(h.device)] += cur["shift"].to(h.device, h.dtype)
+        return with_first_tensor(output, h.view(flat.shape))
+
+    for s in range(0, len(requests), per_chunk):
+        part = requests[s : s + per_chunk]
+        b = build_rows(tok, part, templates, [], [None] * len(part))
+        ids = b.input_ids.to(device)
+        cur["ids"], cur["pos"] = ids, b.subject_pos
+        if shift is not None:
+            cur["shift"] = shift[s : s + per_chunk].repeat_interleave(n_t, dim=0)
+        names = [key_name, top_name] + ([mlp_name] if shift is not None else [])
+        with TraceDict(model, names, retain_input=True, stop=True, edit_output=add_shift) as td:
+            model(input_ids=ids, attention_mask=b.attention_mask.to(device), use_cache=False)
+        rows = torch.arange(ids.shape[0], device=device)
+        pos = b.subject_pos.to(device)
+        k = as_batch_seq(td[key_name].input, *ids.shape)
+        k = k[rows.to(k.device), pos.to(k.device)].float().view(len(part), n_t, -1)
+        keys.append(k.mean(1))
+        h = as_batch_seq(first_tensor(td[top_name].output), *ids.shape)
+        h = h[rows.to(h.device), pos.to(h.device)].float().view(len(part), n_t, -1)
+        hidden.append(h[:, bare_t])
+    return torch.cat(keys), torch.cat(hidden)
+
+
+def as_weight_delta(left_out: torch.Tensor, right_in: torch.Tensor, arch: ModelArch) -> LowRankDelta | torch.Tensor:
+    """``left_out @ right_in.T`` (``(out, n)`` and ``(in, n)``) in the projection weight's storage
+    orientation, as factors when that is smaller than the dense matrix."""
+    left_out, right_in = left_out.float().contiguous(), right_in.float().contiguous()
+    if arch.mlp_out_transposed:
+        left_out, right_in = right_in, left_out
+    rows, cols, n = left_out.shape[0], right_in.shape[0], left_out.shape[1]
+    if n * (rows + cols) < rows * cols:
+        return LowRankDelta(left=left_out, right=right_in)
+    return left_out @ right_in.T
+
+
+def memit_delta(
+    keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, weight: float, arch: ModelArch
+) -> LowRankDelta | torch.Tensor:
+    """ΔW = R Kᵀ (λ·C + K Kᵀ)⁻¹ for keys ``(n, in)`` and residuals ``(n, out)``, solved in
+    float64, in the weight's storage orientation."""
+    c = mom2.to(torch.float64)
+    k = keys.to(c.device, torch.float64)  # (n, in)
+    a = weight * c + k.T @ k
+    x = torch.linalg.solve(a, k.T)  # (in, n) = (λC + KKᵀ)⁻¹ K  (A is symmetric)
+    return as_weight_delta(resid.to(c.device, torch.float64).T, x, arch)

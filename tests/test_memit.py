@@ -1,0 +1,247 @@
+"""Mass and sequential editing: batched value optimisation, MEMIT, AlphaEdit, EditSession,
+requests from files. Edits run on the real default model with small budgets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import assert_weights_equal
+from factedit import EditSession, apply_edits, edit
+from factedit.arch import describe
+from factedit.methods.alphaedit import alphaedit_delta, nullspace_projector
+from factedit.methods.memit import memit_delta
+from factedit.requests import EditRequest, InvalidRequestError, load_requests, parse_requests_text
+from factedit.scoring import target_token_scores
+from factedit.values import ValueConfig, optimize_values
+
+REQUESTS = [
+    {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": {"str": "Rome"}},
+    {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"}},
+    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": {"str": "English"}},
+    {"prompt": "{} is a product of", "subject": "iPhone", "target_new": {"str": "Nokia"}},
+]
+# Small budgets so the tests stay short; the shipped defaults are measured in bench/.
+SMALL = {"layers": [4, 5], "context_templates": [[5, 2]], "v_num_grad_steps": 12}
+
+
+def p_new(model, tok, reqs) -> list[float]:
+    reqs = [EditRequest.from_any(r) for r in reqs]
+    scores = target_token_scores(model, tok, [r.text for r in reqs], [r.target_text for r in reqs])
+    return [float(s.logprobs.mean().exp()) for s in scores]
+
+
+# ---- batched value optimisation ----------------------------------------------------------------
+
+
+def test_batched_and_single_value_optimisation_agree(model, tok, unchanged_after):
+    arch = describe(model)
+    reqs = [EditRequest.from_any(r) for r in REQUESTS[:3]]
+    templates = ["{}", "The river. {}"]
+    # float32 and no early stop, so both runs take the same steps and differ only by batching.
+    cfg = ValueConfig(steps=6, lr=0.5, early_stop_loss=0.0, margin=None, dtype=None)
+    batched = optimize_values(model, tok, reqs, arch, 5, templates, cfg)
+    for r, b in zip(reqs, batched, strict=True):
+        (single,) = optimize_values(model, tok, [r], arch, 5, templates, cfg)
+        assert single.steps == b.steps
+        assert single.delta.norm() > 0
+        rel = (single.delta - b.delta).norm() / single.delta.norm()
+        assert rel < 1e-3, f"{r.subject}: batched δ differs from the single one by {rel:.2e}"
+        assert abs(single.nll - b.nll) < 1e-3
+
+
+# ---- the updates on matrices -------------------------------------------------------------------
+
+
+class _Arch:
+    mlp_out_transposed = False
+
+
+def test_memit_delta_solves_the_normal_equations():
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, n = 40, 12, 5
+    c = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    c = c @ c.T / d_in + torch.eye(d_in, dtype=torch.float64)
+    k = torch.randn(n, d_in, generator=g)
+    r = torch.randn(n, d_out, generator=g)
+    lam = 0.3
+    dw = memit_delta(k, r, c, lam, _Arch())
+    dw = dw.materialize() if hasattr(dw, "materialize") else dw
+    kd, rd = k.double(), r.double()
+    # ΔW (λC + K Kᵀ) = R Kᵀ  (K, R as columns)
+    lhs = dw.double() @ (lam * c + kd.T @ kd)
+    assert torch.allclose(lhs, rd.T @ kd, atol=1e-4)
+    # With λ → 0 and n < d the batch's keys are mapped exactly to their residuals.
+    exact = memit_delta(k, r, c, 1e-9, _Arch())
+    exact = exact.materialize() if hasattr(exact, "materialize") else exact
+    assert torch.allclose(exact.double() @ kd.T, rd.T, atol=1e-3)
+
+
+def test_alphaedit_projector_annihilates_preserved_keys():
+    g = torch.Generator().manual_seed(1)
+    d_in, d_out, rank = 30, 8, 10
+    basis = torch.randn(d_in, rank, generator=g, dtype=torch.float64)
+    preserved = (basis @ torch.randn(rank, 200, generator=g, dtype=torch.float64)).T  # (200, d_in), rank 10
+    c = preserved.T @ preserved / 200
+    p = nullspace_projector(c, 1e-8)
+    assert torch.allclose(p @ p, p, atol=1e-10) and torch.allclose(p, p.T)
+    assert torch.linalg.matrix_rank(p) == d_in - rank
+    assert (p @ preserved.T).abs().max() < 1e-8
+    # New keys with a component outside the preserved span: the update changes their outputs
+    # but leaves every preserved key's output unchanged.
+    k = torch.randn(4, d_in, generator=g)
+    r = torch.randn(4, d_out, generator=g)
+    dw = alphaedit_delta(k, r, p, None, 1e-3, _Arch())
+    dw = dw.materialize() if hasattr(dw, "materialize") else dw
+    assert (dw.double() @ preserved.T).abs().max() < 1e-4
+    assert (dw.double() @ k.double().T - r.double().T).abs().max() < 0.05 * r.abs().max()
+
+
+# ---- MEMIT on the real model -------------------------------------------------------------------
+
+
+def test_memit_raises_every_target_and_restores_exactly(model, tok, unchanged_after):
+    before = p_new(model, tok, REQUESTS)
+    result = edit(model, tok, REQUESTS, method="memit", hparams=SMALL)
+    try:
+        after = p_new(model, tok, REQUESTS)
+        for r, b, a, d in zip(REQUESTS, before, after, result.diagnostics, strict=True):
+            assert a > 2 * b, f"{r['subject']}: P({r['target_new']['str']}) {b:.4f} -> {a:.4f}"
+            assert d["layers"] == [4, 5] and d["target_prob_after"] > d["target_prob_before"]
+        touched = sorted(result.original)
+        assert touched == [describe(model).mlp_out_weight_name(i) for i in (4, 5)]
+    finally:
+        result.restore()
+
+
+def test_memit_refuses_conflicting_requests(model, tok, unchanged_after):
+    clash = [REQUESTS[0], {**REQUESTS[0], "target_new": {"str": "Berlin"}}]
+    with pytest.raises(InvalidRequestError, match="requests 0 and 1 .*different targets"):
+        edit(model, tok, clash, method="memit", hparams=SMALL)
+
+
+# ---- AlphaEdit in a session --------------------------------------------------------------------
+
+
+def test_alphaedit_session_keeps_first_batch_reverts_and_saves(model, tok, pristine_state, tmp_path):
+    first, second = REQUESTS[:2], REQUESTS[2:]
+    before = p_new(model, tok, REQUESTS)
+    session = EditSession(model, tok, method="alphaedit", hparams=SMALL)
+    try:
+        session.apply(first)
+        after_first = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        p_first = p_new(model, tok, first)
+        session.apply(second)
+        assert len(session) == 2 and [r.subject for r in session.requests] == [r["subject"] for r in REQUESTS]
+        p_all = p_new(model, tok, REQUESTS)
+        # The second batch is written and the first one is kept.
+        for i, (b, a) in enumerate(zip(before, p_all, strict=True)):
+            assert a > 2 * b, f"request {i}: {b:.4f} -> {a:.4f}"
+        for pf, pa in zip(p_first, p_all[:2], strict=True):
+            assert pa > 0.5 * pf
+        logits_edited = model(**tok(["The Eiffel Tower is located in"], return_tensors="pt")).logits
+        path = session.save(tmp_path / "session.safetensors")
+
+        session.revert(1)
+        assert_weights_equal(model, after_first)
+        session.revert_all()
+        assert_weights_equal(model, pristine_state)
+
+        applied = apply_edits(model, path)
+        try:
+            again = model(**tok(["The Eiffel Tower is located in"], return_tensors="pt")).logits
+            assert torch.equal(again, logits_edited)
+        finally:
+            applied.revert()
+        assert_weights_equal(model, pristine_state)
+    finally:
+        session.revert_all()
+    assert_weights_equal(model, pristine_state)
+
+
+# ---- requests from files -----------------------------------------------------------------------
+
+
+def test_requests_file_formats_and_errors(tmp_path):
+    as_list = tmp_path / "reqs.json"
+    as_list.write_text(json.dumps(REQUESTS))
+    assert [r.subject for r in load_requests(as_list)] == [r["subject"] for r in REQUESTS]
+    jsonl = tmp_path / "reqs.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in REQUESTS) + "\n")
+    assert load_requests(jsonl) == load_requests(as_list)
+
+    bad = [REQUESTS[0], {"prompt": "no placeholder here", "subject": "X", "target_new": "Y"}, REQUESTS[1]]
+    with pytest.raises(InvalidRequestError, match=r"request 1 is invalid"):
+        parse_requests_text(json.dumps(bad))
+    lines = "\n".join(json.dumps(r) for r in [REQUESTS[0], {"prompt": "{} is", "subject": "A"}])
+    with pytest.raises(InvalidRequestError, match=r"request 1 \(line 2\) is invalid.*target_new"):
+        parse_requests_text(lines)
+    clash = [REQUESTS[0], {**REQUESTS[0], "target_new": {"str": "Berlin"}}]
+    with pytest.raises(InvalidRequestError, match="requests 0 and 1"):
+        parse_requests_text(json.dumps(clash))
+    # The same request twice is not a conflict.
+    assert len(parse_requests_text(json.dumps([REQUESTS[0], REQUESTS[0]]))) == 2
+
+
+def test_cli_edit_stops_on_an_invalid_request_file(model, pristine_state, tmp_path, capsys):
+    from factedit.cli import main
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(REQUESTS[0]) + "\n" + json.dumps({**REQUESTS[1], "target_new": ""}) + "\n")
+    code = main(["edit", "--method", "memit", "--requests", str(path), "--batch-size", "1", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "request 1 (line 2) is invalid" in err and "nothing was edited" in err
+    assert_weights_equal(model, pristine_state)
+
+
+# ---- the mass-editing evaluation ---------------------------------------------------------------
+
+
+def test_batch_evaluation_sequential_measures_all_at_the_end(model, tok, pristine_state, data_dir, tmp_path):
+    from factedit.evaluate import load_dataset, make_config, read_results
+    from factedit.evaluate.batch import run_batch_evaluation
+
+    path = data_dir / "counterfact" / "counterfact_dev.json"
+    cases = load_dataset(path, limit=4)[2:4]
+    cfg = make_config(model, method="memit", hparams=SMALL, model_name="smollm2", dataset=path,
+                      kind="counterfact", sequential=True, generation=False)  # fmt: skip
+    out = tmp_path / "r.jsonl"
+    summary = run_batch_evaluation(model, tok, cases, cfg, out, batch_size=1, hparams=SMALL, progress=False)
+    assert_weights_equal(model, pristine_state)
+    res = read_results(out)
+    assert res.config["batch_size"] == 1 and res.config["sequential"] is True
+    assert [c["case_id"] for c in res.cases] == [c.case_id for c in cases]
+    assert summary.n_cases == 2
+    # Both edits were measured on the model holding both: each rewrite now prefers the new target.
+    assert summary.post["ES"].mean > summary.pre["ES"].mean
+    assert summary.post["ES"].mean >= 0.5
+    # The same configuration resumes (nothing to do), another is refused.
+    run_batch_evaluation(model, tok, cases, cfg, out, batch_size=1, hparams=SMALL, progress=False)
+    from factedit.evaluate import ConfigMismatchError
+
+    with pytest.raises(ConfigMismatchError, match="batch_size"):
+        run_batch_evaluation(model, tok, cases, cfg, out, batch_size=2, hparams=SMALL, progress=False)
+
+
+@pytest.mark.parametrize("arch_name", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_mass_editing_runs_on_tiny_architectures(tok, arch_name, method, tmp_path):
+    """Coverage of the storage orientations (GPT-2's Conv1D is transposed), not of quality."""
+    from conftest import make_tiny_model
+    from factedit.methods import EditContext
+
+    tiny = make_tiny_model(arch_name)
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    hp = {"layers": [0, 1], "context_templates": [[3, 1]], "v_num_grad_steps": 3, "mom2_tokens": 2000}
+    ctx = EditContext(cache_dir=tmp_path, progress=False)
+    result = edit(tiny, tok, REQUESTS[:2], method=method, hparams=hp, context=ctx)
+    arch = describe(tiny)
+    names = [arch.mlp_out_weight_name(i) for i in (0, 1)]
+    assert sorted(result.original) == sorted(names)
+    for n in names:
+        assert not torch.equal(tiny.get_parameter(n), before[n]) and torch.isfinite(tiny.get_parameter(n)).all()
+    result.restore()
+    assert_weights_equal(tiny, before)
