@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -431,8 +431,12 @@ class CausalTracer:
         *,
         layers: Sequence[int] | None = None,
         progress: bool = False,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        """``(tokens, len(layers))`` restored probabilities (see :class:`TraceResult`)."""
+        """``(tokens, len(layers))`` restored probabilities (see :class:`TraceResult`).
+
+        ``on_progress(done, total)`` is called after each batch of cells (for front ends that
+        show their own progress; ``progress`` draws a tqdm bar)."""
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; use one of {KINDS}")
         if int(window) < 1:
@@ -454,10 +458,14 @@ class CausalTracer:
         from tqdm.auto import tqdm
 
         bar = tqdm(chunks, desc=f"trace {kind}", unit="batch", disable=not progress, leave=False)
+        if on_progress is not None:
+            on_progress(0, len(sets))
         for chunk in bar:
             probs = self._run([sets[i] for i in chunk], kind)
             for i, p in zip(chunk, probs.tolist(), strict=True):
                 grid[cells[i]] = p
+            if on_progress is not None:
+                on_progress(chunk.stop, len(sets))
         return grid
 
     def trace(
@@ -467,14 +475,18 @@ class CausalTracer:
         *,
         layers: Sequence[int] | None = None,
         progress: bool = False,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> TraceResult:
-        """Trace one kind of state; the result shares this tracer's clean run and noise."""
+        """Trace one kind of state; the result shares this tracer's clean run and noise.
+        ``on_progress(done, total)`` reports batches of cells as :meth:`grid` does."""
         layer_list = (
             list(range(self.arch.n_layers))
             if layers is None
             else _layer_list(layers, self.arch.n_layers)
         )
-        grid = self.grid(kind, window, layers=layer_list, progress=progress)
+        grid = self.grid(
+            kind, window, layers=layer_list, progress=progress, on_progress=on_progress
+        )
         return TraceResult(
             prompt=self.prompt,
             subject=self.subject,

@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "trace",  # trace
     "eval",  # eval
     "train",  # train (learned editors)
+    "serve",  # serve (the web page)
 )
 
 
