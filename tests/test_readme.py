@@ -105,6 +105,8 @@ SHELL_RULES: list[Rule] = [
          expect="[original] Steve Jobs worked for"),  # fmt: skip
     Rule(r"^factedit trace ", add=["--samples", "1", "--kinds", "mlp", "--formats", "png"],
          expect="answer ' Paris': clean p="),  # fmt: skip
+    Rule(r"^factedit serve\b", skip="serves until stopped; tests/test_web.py runs the CLI end to end and "
+         "tests/test_web_browser.py drives the page in Chromium"),  # fmt: skip
     Rule(r"^torchrun ", skip="several processes; tests/test_distributed.py runs 2 gloo ranks "
          "of stats and eval on the real model"),  # fmt: skip
     # Two shards of two records, then their merge.
