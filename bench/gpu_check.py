@@ -129,12 +129,11 @@ def check_stats(model, tok, arch, layer: int, device, tokens: int, batch_rows: i
 
 def fwd_bwd_unit(model, tok, request, templates, device) -> float:
     """Seconds of one forward+backward of the whole model over the edit's prompts."""
-    from factedit.methods.rome import _prefixed
     from factedit.requests import as_requests
     from factedit.tokens import prompt_target_batch
 
     req = as_requests(request)[0]
-    texts, _ = _prefixed(req, templates)
+    texts = [t.replace("{}", req.text) for t in templates]
     b = prompt_target_batch(tok, [*texts, f"{req.subject} is a"], [req.target_text] * len(texts) + [" a"])
     ids, mask = b.input_ids.to(device), b.attention_mask.to(device)
 

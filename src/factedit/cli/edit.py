@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .common import add_model_args, load, parse_hparams, show_phases, status
@@ -94,7 +95,8 @@ def _requests(args: argparse.Namespace):
 
 def cmd_edit(args: argparse.Namespace) -> int:
     from ..generation import generate
-    from ..methods import EditContext, get_method
+    from ..methods import EditContext, get_method, warn_subject_at_end
+    from ..requests import SubjectAtEndWarning
     from ..scoring import target_prob
     from ..session import EditSession
 
@@ -110,6 +112,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     for r in requests:
         r.check_tokenizer(tok)
     progress = not args.no_progress
+    # Said once, up front: the session below checks the hyperparameters first and may stop.
+    warn_subject_at_end(requests)
     session = EditSession(model, tok, method=args.method, hparams=hparams, context=EditContext(progress=progress))
     gen_prompts = args.generate or [r.text for r in requests][:10]
     if progress:
@@ -119,7 +123,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         status(f"editing with {args.method} ({len(requests)} request(s)) ...")
     size = args.batch_size or len(requests)
     try:
-        with show_phases(progress):
+        with show_phases(progress), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=SubjectAtEndWarning)
             for s in range(0, len(requests), size):
                 session.apply(requests[s : s + size])
     except BaseException:

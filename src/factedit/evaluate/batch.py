@@ -89,10 +89,7 @@ def run_batch_evaluation(
     if out.exists() and out.stat().st_size > 0:
         existing = read_results(out, repair=True)
         if existing.config is not None and existing.config != cfg:
-            diffs = "; ".join(config_differences(existing.config, cfg))
-            raise ConfigMismatchError(
-                f"{out} holds results of a different configuration ({diffs}); use another output file or overwrite it"
-            )
+            raise ConfigMismatchError(out, config_differences(existing.config, cfg))
     if existing.header is None:
         out.parent.mkdir(parents=True, exist_ok=True)
         notes = [f"mass editing: batches of {batch_size}" + (", applied sequentially" if config.sequential else "")
@@ -102,7 +99,9 @@ def run_batch_evaluation(
     batches = [list(cases[s : s + batch_size]) for s in range(0, len(cases), batch_size)]
     todo = [b for b in batches if not all(_json_id(c.case_id) in done for c in b)]
     if config.sequential and done and todo:
-        raise ConfigMismatchError(f"{out} holds part of a sequential run; rerun with overwrite")
+        raise ConfigMismatchError(
+            out, ["sequential: the file holds part of a sequential run, which cannot be resumed batch by batch"]
+        )
     gen_ids = generation_sample(cases, gen_sample, config.seed) if config.generation else set()
     if gen_ids and reference_scorer is None and config.kind == "counterfact":
         from .tfidf import load_reference_scorer

@@ -88,8 +88,7 @@ def merge_results(
     first_path, first = headed[0]
     for p, r in headed[1:]:
         if r.config != first.config:
-            diffs = "; ".join(config_differences(first.config or {}, r.config or {}))
-            raise ConfigMismatchError(f"{p} and {first_path} hold different configurations ({diffs})")
+            raise ConfigMismatchError(p, config_differences(first.config or {}, r.config or {}))
     if any(r.checkpoints for _, r in files) or (first.config or {}).get("sequential"):
         raise ValueError("sequential runs cannot be merged: each edit depends on all earlier cases")
     cases: dict[Any, dict[str, Any]] = {}
@@ -218,11 +217,7 @@ def _prepare(out: Path, config: EvalConfig, ids: Sequence[Any]) -> None:
     for p in inputs:
         existing = read_results(p, repair=True)
         if existing.config is not None and existing.config != cfg:
-            diffs = "; ".join(config_differences(existing.config, cfg))
-            raise ConfigMismatchError(
-                f"{p} holds results of a different configuration ({diffs}); "
-                "use another output file or overwrite it"
-            )
+            raise ConfigMismatchError(p, config_differences(existing.config, cfg))
     if len(inputs) > 1 or (inputs and inputs[0] != out):
         merge_results(inputs, out, order=ids)
         for p in inputs:
