@@ -352,8 +352,9 @@ def module_device(module: nn.Module) -> torch.device:
         for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
             dev = getattr(h, "execution_device", None)
             if dev is not None:
-                # accelerate stores an int for a GPU index.
-                return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+                # accelerate stores an int for an accelerator index; torch.device(int) maps it
+                # to the current accelerator type.
+                return torch.device(dev)
         for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
             if t.device.type != "meta":
                 return t.device

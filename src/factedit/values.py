@@ -103,6 +103,17 @@ class ValueConfig:
         return cls(**{**cfg.__dict__, **overrides}) if overrides else cfg
 
 
+def check_value_hparams(hp: Any) -> None:
+    """Raise ``ValueError`` for ``v_*`` fields (see :meth:`ValueConfig.from_hparams`) that
+    cannot work: the checks every method built on this optimiser shares."""
+    if hp.v_num_grad_steps < 1 or hp.v_lr <= 0:
+        raise ValueError("v_num_grad_steps must be >= 1 and v_lr > 0")
+    parse_dtype(hp.value_dtype)
+    for p in hp.kl_prompts:
+        if p.count("{}") != 1:
+            raise ValueError(f"kl_prompts entries need exactly one '{{}}': {p!r}")
+
+
 @dataclass
 class ValueResult:
     """The optimised shift for one request.

@@ -131,10 +131,16 @@ def is_main_process() -> bool:
 
 
 def process_device(device: str | None) -> str | None:
-    """Under torchrun, a bare ``cuda`` means this process's GPU (``cuda:LOCAL_RANK``)."""
-    if device == "cuda" and torch_distributed_world() > 1:
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return device
+    """Under torchrun, an accelerator named without an index (``cuda``, ``xpu``, ...) means this
+    process's own one (index ``LOCAL_RANK``)."""
+    if device is None or torch_distributed_world() <= 1:
+        return device
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cpu" or dev.index is not None:
+        return device
+    return str(torch.device(dev.type, int(os.environ.get("LOCAL_RANK", "0"))))
 
 
 def init_distributed(device: str | None) -> bool:
@@ -152,12 +158,12 @@ def init_distributed(device: str | None) -> bool:
 
     if dist.is_initialized():
         return True
-    dev = process_device(device)
-    gpu = dev is not None and dev.startswith("cuda")
-    if gpu:
-        torch.cuda.set_device(torch.device(dev))
+    dev = torch.device(process_device(device) or "cpu")
+    if dev.type != "cpu":
+        torch.accelerator.set_device_index(dev.index)
     timeout = datetime.timedelta(hours=float(os.environ.get("FACTEDIT_DIST_TIMEOUT_HOURS", "48")))
-    dist.init_process_group(backend="nccl" if gpu else "gloo", timeout=timeout)
+    # torch's own choice per device type: NCCL for CUDA, gloo on CPU.
+    dist.init_process_group(backend=dist.get_default_backend_for_device(dev), timeout=timeout)
     log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
     return True
 

@@ -38,12 +38,12 @@ from ..arch import ModelArch
 from ..fingerprint import base_model_fingerprint
 from ..hooks import TraceDict, as_batch_seq, first_tensor, with_first_tensor
 from ..hparams import HParams
-from ..models import model_device, parse_dtype
+from ..models import model_device
 from ..requests import EditRequest, check_conflicts
 from ..scoring import target_token_scores
 from ..stats import layers_stats
 from ..tokens import encode_target
-from ..values import ValueConfig, build_rows, optimize_values
+from ..values import ValueConfig, build_rows, check_value_hparams, optimize_values
 from .base import EditContext, EditMethod, LowRankDelta, PhaseTimer, WeightEditor
 from .rome import context_templates
 
@@ -109,16 +109,11 @@ class MEMIT(EditMethod):
         bad = [i for i in layers if not 0 <= i < arch.n_layers]
         if bad:
             raise ValueError(f"layers {bad} out of range: this model has layers 0..{arch.n_layers - 1}")
-        if hparams.v_num_grad_steps < 1 or hparams.v_lr <= 0:
-            raise ValueError("v_num_grad_steps must be >= 1 and v_lr > 0")
         if hparams.mom2_tokens < 1 or hparams.value_batch_size < 1 or hparams.key_batch_rows < 1:
             raise ValueError("mom2_tokens, value_batch_size and key_batch_rows must be positive")
         if hparams.mom2_update_weight < 0:
             raise ValueError("mom2_update_weight must be >= 0")
-        parse_dtype(hparams.value_dtype)
-        for p in hparams.kl_prompts:
-            if p.count("{}") != 1:
-                raise ValueError(f"kl_prompts entries need exactly one '{{}}': {p!r}")
+        check_value_hparams(hparams)
 
     def execute(
         self,

@@ -44,12 +44,12 @@ from ..generation import generate
 from ..hooks import Trace, as_batch_seq
 from ..hparams import HParams
 from ..models import cache_dir as default_cache_dir
-from ..models import model_device, parse_dtype
+from ..models import model_device
 from ..requests import EditRequest
 from ..scoring import target_token_scores
 from ..stats import layer_stats
 from ..tokens import encode_target
-from ..values import ValueConfig, build_rows, optimize_values
+from ..values import ValueConfig, build_rows, check_value_hparams, optimize_values
 from .base import EditContext, EditMethod, LowRankDelta, PhaseTimer, WeightEditor
 
 log = logging.getLogger(__name__)
@@ -133,16 +133,11 @@ class ROME(EditMethod):
             raise ValueError(f"key_mode must be 'mean', 'each' or 'min', got {hparams.key_mode!r}")
         if not 0 <= hparams.layer < arch.n_layers:
             raise ValueError(f"ROME layer {hparams.layer} out of range: this model has layers 0..{arch.n_layers - 1}")
-        if hparams.v_num_grad_steps < 1 or hparams.v_lr <= 0:
-            raise ValueError("v_num_grad_steps must be >= 1 and v_lr > 0")
         if hparams.mom2_tokens < 1:
             raise ValueError("mom2_tokens must be positive")
         if hparams.efficacy_retries < 0:
             raise ValueError("efficacy_retries must be >= 0")
-        parse_dtype(hparams.value_dtype)
-        for p in hparams.kl_prompts:
-            if p.count("{}") != 1:
-                raise ValueError(f"kl_prompts entries need exactly one '{{}}': {p!r}")
+        check_value_hparams(hparams)
 
     def execute(
         self,
