@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--sequential", action="store_true")
     ap.add_argument("--checkpoint-every", type=int, default=50, help="ROME sequential: re-measure every K edits")
     ap.add_argument("--gen-sample", type=int, default=100, help="cases with generations (GE); 0: none")
+    ap.add_argument("--checkpoint-gen", type=int, default=20,
+                    help="ROME sequential: GE of the first N cases' generation prompts at every checkpoint")
     ap.add_argument("--hparams", default=None, help="inline JSON overrides")
     ap.add_argument("--data", default="counterfact_dev.json", help="file name under shared/data/counterfact or a path")
     ap.add_argument("--threads", type=int, default=1)
@@ -71,7 +73,10 @@ def main() -> None:
     cfg = make_config(model, method=args.method, hparams=hparams, model_name="smollm2-135m", dataset=path,
                       kind="counterfact", sequential=args.sequential,
                       checkpoint_every=args.checkpoint_every if args.method == "rome" else None,
-                      generation=generation)  # fmt: skip
+                      checkpoint_gen=args.checkpoint_gen if args.method == "rome" else 0,
+                      # ROME one by one: per-case generations would cost more than the edits;
+                      # its fluency curve comes from the checkpoints.
+                      generation=generation and args.method != "rome")  # fmt: skip
     tmp = tempfile.TemporaryDirectory()
     out = Path(args.out) if args.out else Path(tmp.name) / "results.jsonl"
     t0 = time.perf_counter()

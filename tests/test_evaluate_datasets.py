@@ -40,6 +40,8 @@ def test_counterfact_flat_layout(data_dir):
         assert c.paraphrase_prompts == (r["rephrase_prompt"],)
         assert c.neighborhood_prompts == (r["locality_prompt"],)
         assert c.neighborhood_answer == r["locality_ground_truth"]
+        # No generation prompts in this layout: GE starts from the rewrite and the rephrase.
+        assert c.generation_prompts == (r["prompt"], r["rephrase_prompt"])
 
 
 def test_zsre_mend_layout(data_dir):

@@ -123,14 +123,19 @@ def test_sequential_keeps_edits_until_the_end(model, tok, flat_path, tmp_path, u
         seen_changed.append(not torch.equal(dict(model.named_parameters())[NORM], pristine))
         return toy(model, tok, request, method, hparams)
 
-    cfg = _config(model, cf_path, sequential=True, checkpoint_every=2)
+    cfg = _config(model, cf_path, sequential=True, checkpoint_every=2, checkpoint_gen=1, gen_length=24)
     summary = run_evaluation(
         model, tok, cases, cfg, tmp_path / "s.jsonl", edit_fn=edit_fn, progress=False
     )
     assert seen_changed == [False, True, True]  # earlier edits stay in place
-    assert [cp["n_edits"] for cp in summary.checkpoints] == [2, 3]  # every 2 edits and at the end
+    # A fluency baseline before the first edit, then every 2 edits and at the end.
+    assert [cp["n_edits"] for cp in summary.checkpoints] == [0, 2, 3]
+    assert set(summary.checkpoints[0]["summary"]) == {"GE"}
     assert "NS" in summary.checkpoints[-1]["summary"]
-    assert "Sequential checkpoints" in summary.to_markdown()
+    ges = [cp["summary"]["GE"]["mean"] for cp in summary.checkpoints]
+    assert all(g > 0 for g in ges) and ges[0] != ges[-1]  # the toy edits change the generations
+    md = summary.to_markdown()
+    assert "Sequential checkpoints" in md and "| GE |" in md
 
 
 def test_failed_edit_is_recorded_and_skipped(model, tok, flat_path, tmp_path, unchanged_after):

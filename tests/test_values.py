@@ -112,3 +112,25 @@ def test_efficacy_retries_continue_the_optimisation(model, tok, unchanged_after)
     # Retried updates were taken back exactly: one rank-one step remains.
     assert len(result.steps) == 1
     result.restore()
+
+
+def test_a_weak_win_is_retried_until_the_new_target_reaches_the_floor(model, tok, unchanged_after):
+    """Beating the old target by a hair is not an edit a user wants: with
+    ``efficacy_min_prob`` the update is retried until the new target's mean per-token
+    probability on the request prompt reaches the floor, and the diagnostics say so."""
+    req = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+           "target_new": "Rome", "target_true": "Paris"}  # fmt: skip
+    hp = {"v_num_grad_steps": 3, "v_lr": 0.3, "efficacy_retries": 8}
+    weak = edit(model, tok, req, hparams={**hp, "efficacy_min_prob": 0.0}, context=EditContext(progress=False))
+    d0 = weak.diagnostics[0]
+    weak.restore()
+    floor = min(0.9, d0["p_new"] + 0.3)
+    strong = edit(model, tok, req, hparams={**hp, "efficacy_min_prob": floor}, context=EditContext(progress=False))
+    d1 = strong.diagnostics[0]
+    assert d1["holds"] is True and d1["p_new"] >= floor > d0["p_new"]
+    assert d1["efficacy_retries"] > d0["efficacy_retries"]
+    text = "The Eiffel Tower is located in the city of"
+    (p_new,) = mean_target_logprob(model, tok, [text], [" Rome"]).exp().tolist()
+    assert p_new == pytest.approx(d1["p_new"], rel=1e-4)
+    assert len(strong.steps) == 1
+    strong.restore()

@@ -53,6 +53,14 @@ def register(subparsers) -> None:
         help="sequential: re-measure all edits every K edits",
     )
     p.add_argument(
+        "--checkpoint-gen",
+        type=int,
+        default=0,
+        metavar="N",
+        help="sequential: at every checkpoint (and once before the first edit) also measure the "
+        "fluency GE on the generation prompts of the first N cases",
+    )
+    p.add_argument(
         "--batch-size",
         type=int,
         default=None,
@@ -229,6 +237,7 @@ def _evaluate(
         kind=cases[0].kind,
         sequential=args.sequential,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_gen=args.checkpoint_gen,
         generation=generation,
         gen_length=args.gen_length,
         seed=args.seed,

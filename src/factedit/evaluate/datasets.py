@@ -160,7 +160,11 @@ def counterfact_case(record: Mapping, index: int = 0) -> EvalCase:
 
 def flat_counterfact_case(record: Mapping, index: int = 0) -> EvalCase:
     """An :class:`EvalCase` from a flat EasyEdit/KnowEdit record (``prompt, subject, target_new,
-    ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth``)."""
+    ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth``).
+
+    The flat layout has no generation prompts; the fluency generations (GE) start from the
+    rewrite prompt and the rephrase instead, so mass-editing runs on these files still measure
+    whether the model degenerates."""
     if not isinstance(record, Mapping):
         raise DatasetFormatError(f"record {index}: expected an object, got {type(record).__name__}")
     prompt = _get(record, "prompt", index)
@@ -177,13 +181,15 @@ def flat_counterfact_case(record: Mapping, index: int = 0) -> EvalCase:
         target_true=true,
         case_id=case_id,
     )
+    paraphrases = _str_list(record, "rephrase_prompt", index)
     return EvalCase(
         case_id=case_id,
         kind="counterfact",
         request=req,
-        paraphrase_prompts=_str_list(record, "rephrase_prompt", index),
+        paraphrase_prompts=paraphrases,
         neighborhood_prompts=_str_list(record, "locality_prompt", index),
         neighborhood_answer=_target(record, "locality_ground_truth", index, ""),
+        generation_prompts=(req.text, *paraphrases),
     )
 
 

@@ -11,8 +11,10 @@ Two modes:
 * independent (default): each case is edited on the unedited model and restored
   bit-exactly afterwards, so every case sees the same starting weights;
 * sequential: edits stay in place; "pre" is measured on the model holding all earlier edits;
-  every ``checkpoint_every`` edits all edits so far are re-measured (scores only, no
-  generation) to show how earlier edits hold up. The weights are restored when the run ends
+  every ``checkpoint_every`` edits all edits so far are re-measured (scores only) to show how
+  earlier edits hold up; with ``checkpoint_gen`` N, each checkpoint (and one before the first
+  edit) also measures the fluency GE on the generation prompts of the run's first N cases,
+  the same prompts every time, so the curve shows when the model starts to degenerate. The weights are restored when the run ends
   (also when it is interrupted); a resumed sequential run first re-applies the finished
   cases' edits (recomputing them) without measuring them.
 """
@@ -26,7 +28,7 @@ import os
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,7 @@ class EvalConfig:
     kind: str
     sequential: bool = False
     checkpoint_every: int | None = None
+    checkpoint_gen: int = 0
     generation: bool = True
     gen_length: int = 100
     gen_top_k: int = 5
@@ -338,11 +341,13 @@ def _json_default(x: Any) -> Any:
 
 
 def config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between two configuration dicts."""
+    """Human-readable differences between two configuration dicts. A field one of them lacks
+    (a file written before the field existed) counts as its default."""
+    defaults = {f.name: f.default for f in fields(EvalConfig) if f.default is not MISSING}
     return [
-        f"{k}: file has {a.get(k)!r}, this run {b.get(k)!r}"
+        f"{k}: file has {a.get(k, defaults.get(k))!r}, this run {b.get(k, defaults.get(k))!r}"
         for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k)
+        if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))
     ]
 
 
@@ -409,11 +414,16 @@ class Summary:
             lines += [f"| {k} | {v.format(1.0, 2)} |" for k, v in self.seconds.items()]
         if self.checkpoints:
             names = [m for m in self.metric_names() if m not in ("GE", "RS")]
+            if any("GE" in cp["summary"] for cp in self.checkpoints):
+                names.append("GE")
             lines += ["", "Sequential checkpoints (all edits so far, re-measured):", ""]
             lines += ["| edits | " + " | ".join(names) + " |", "|" + " ---: |" * (len(names) + 1)]
             for cp in self.checkpoints:
                 est = cp["summary"]
-                cells = [_estimate(est[m]).format(100.0, 1) if m in est else "-" for m in names]
+                cells = [
+                    _estimate(est[m]).format(*((1.0, 2) if m == "GE" else (100.0, 1))) if m in est else "-"
+                    for m in names
+                ]
                 lines.append(f"| {cp['n_edits']} | " + " | ".join(cells) + " |")
         lines += [
             "",
@@ -516,6 +526,7 @@ def make_config(
     kind: str,
     sequential: bool = False,
     checkpoint_every: int | None = None,
+    checkpoint_gen: int = 0,
     generation: bool = True,
     gen_length: int = 100,
     gen_top_k: int = 5,
@@ -525,6 +536,8 @@ def make_config(
     path = Path(dataset).resolve()
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}")
+    if checkpoint_gen < 0:
+        raise ValueError(f"checkpoint_gen must be >= 0, got {checkpoint_gen}")
     return EvalConfig(
         method=method,
         hparams=resolved_hparams(model, method, hparams),
@@ -535,6 +548,7 @@ def make_config(
         kind="zsre" if kind == "zsre" else "counterfact",
         sequential=sequential,
         checkpoint_every=checkpoint_every if sequential else None,
+        checkpoint_gen=checkpoint_gen if sequential and checkpoint_every else 0,
         generation=generation,
         gen_length=gen_length,
         gen_top_k=gen_top_k,
@@ -632,6 +646,12 @@ def run_evaluation(
     applied: list[Any] = []  # sequential mode: results of the edits in place
     checkpointed = {cp["n_cases"] for cp in existing.checkpoints}
     try:
+        if config.sequential and config.checkpoint_gen and not existing.cases and 0 not in checkpointed:
+            # The baseline of the fluency curve, on the unedited model.
+            cp = _checkpoint(model, tok, cases, [], config)
+            _append(out, cp)
+            existing.checkpoints.append(cp)
+            checkpointed.add(0)
         if config.sequential:
             ids = [_json_id(c.case_id) for c in cases]
             finished = [c for c in cases if _json_id(c.case_id) in done]
@@ -739,7 +759,8 @@ def _checkpoint(
     records: Sequence[dict[str, Any]],
     config: EvalConfig,
 ) -> dict[str, Any]:
-    """Re-measure every case edited so far (scores only) on the current model."""
+    """Re-measure every case edited so far (scores only) on the current model, and with
+    ``config.checkpoint_gen`` the fluency of the run's first cases' generation prompts."""
     by_id = {_json_id(c.case_id): c for c in cases}
     rows = []
     for rec in records:
@@ -750,12 +771,17 @@ def _checkpoint(
         pre = Measurement({}, PromptSetScores((), tuple(0.0 for _ in argmax), true_argmax=argmax))
         rows.append(measure_case(model, tok, case, config, pre=pre, generation=False).metrics)
     order = ZSRE_METRICS if config.kind == "zsre" else COUNTERFACT_METRICS
-    summary = summarize_cases(rows, order)
+    summary = {k: v.to_dict() for k, v in summarize_cases(rows, order).items()} if rows else {}
+    if config.checkpoint_gen:
+        sample = [c for c in cases if c.generation_prompts][: config.checkpoint_gen]
+        ge = [measure_case(model, tok, c, config, generation=True).metrics["GE"] for c in sample]
+        if ge:
+            summary["GE"] = mean_ci(ge).to_dict()
     return {
         "type": "checkpoint",
         "n_cases": len(records),
         "n_edits": len(rows),
-        "summary": {k: v.to_dict() for k, v in summary.items()},
+        "summary": summary,
     }
 
 
