@@ -255,15 +255,8 @@ def measure_case(
     texts: list[str] = []
     do_gen = config.generation if generation is None else generation
     if do_gen and case.generation_prompts:
-        from ..generation import generate
-
         t1 = time.perf_counter()
-        prompts = list(case.generation_prompts)
-        longest = max(len(tok(p)["input_ids"]) for p in prompts)
-        # ROME generates until the padded batch reaches gen_length tokens in total.
-        new_tokens = max(1, config.gen_length - longest)
-        texts = generate(model, tok, prompts, max_new_tokens=new_tokens, top_k=config.gen_top_k,
-                         seed=case_seed(config.seed, case.case_id))  # fmt: skip
+        texts = case_generations(model, tok, case, config)
         metrics["GE"] = generation_entropy(texts)
         if reference_scorer is not None:
             rs = reference_scorer.reference_score(texts, case.request.target_new)
@@ -271,6 +264,19 @@ def measure_case(
                 metrics["RS"] = rs
         seconds["generation"] = time.perf_counter() - t1
     return Measurement(metrics, neigh, seconds, texts)
+
+
+def case_generations(model: nn.Module, tok: Any, case: EvalCase, config: EvalConfig) -> list[str]:
+    """The sampled continuations of ``case.generation_prompts`` (top-k, seeded per case, so
+    the same case gives the same samples on the same weights)."""
+    from ..generation import generate
+
+    prompts = list(case.generation_prompts)
+    longest = max(len(tok(p)["input_ids"]) for p in prompts)
+    # ROME generates until the padded batch reaches gen_length tokens in total.
+    new_tokens = max(1, config.gen_length - longest)
+    return generate(model, tok, prompts, max_new_tokens=new_tokens, top_k=config.gen_top_k,
+                    seed=case_seed(config.seed, case.case_id))  # fmt: skip
 
 
 # ---- results file ------------------------------------------------------------------------
@@ -774,7 +780,8 @@ def _checkpoint(
     summary = {k: v.to_dict() for k, v in summarize_cases(rows, order).items()} if rows else {}
     if config.checkpoint_gen:
         sample = [c for c in cases if c.generation_prompts][: config.checkpoint_gen]
-        ge = [measure_case(model, tok, c, config, generation=True).metrics["GE"] for c in sample]
+        # Generations only: the cases' scores are not part of the fluency curve.
+        ge = [generation_entropy(case_generations(model, tok, c, config)) for c in sample]
         if ge:
             summary["GE"] = mean_ci(ge).to_dict()
     return {

@@ -291,20 +291,18 @@ def _efficacy(
     log-probability, as CounterFact's ES), and does it reach ``min_prob`` there (``holds``)?
     The prefixed forms were already required to prefer the new target's first token during
     the value optimisation (``value_margin``)."""
-    if old_text is None:
-        (new,) = target_token_scores(model, tok, [request.text], [request.target_text])
-        p = float(new.logprobs.mean().exp())
-        return {"efficacy": True, "holds": p >= min_prob, "p_new": p, "p_old": float("nan"),
-                "p_new_total": float(new.logprobs.sum().exp())}  # fmt: skip
-    new, old = target_token_scores(model, tok, [request.text] * 2, [request.target_text, old_text])
-    efficacy = bool(new.logprobs.mean() > old.logprobs.mean())
-    p_new = float(new.logprobs.mean().exp())
+    texts = [request.target_text] + ([old_text] if old_text is not None else [])
+    scores = target_token_scores(model, tok, [request.text] * len(texts), texts)
+    new = scores[0].logprobs
+    # With no old target (the model already starts the new one) the new target wins by default.
+    efficacy = old_text is None or bool(new.mean() > scores[1].logprobs.mean())
+    p_new = float(new.mean().exp())
     return {
         "efficacy": efficacy,
         "holds": efficacy and p_new >= min_prob,
         "p_new": p_new,
-        "p_old": float(old.logprobs.mean().exp()),
-        "p_new_total": float(new.logprobs.sum().exp()),
+        "p_old": float(scores[1].logprobs.mean().exp()) if old_text is not None else float("nan"),
+        "p_new_total": float(new.sum().exp()),
     }
 
 
