@@ -200,14 +200,15 @@ def cli_checks(device: str, dtype: str, tok, smoke: bool, work: Path) -> list[st
         ["generate", "The Eiffel Tower is in", "--max-new-tokens", "5", *dev],
         ["stats", "--layer", "1", "--tokens", "2000", "--corpus", str(corpus), *dev],
         ["edit", "--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", "Rome",
-         "--hparams", hp, "--save", str(work / "e.safetensors"), "--max-new-tokens", "3", *dev],
+         "--hparams", hp, "--corpus", str(corpus), "--save", str(work / "e.safetensors"), "--max-new-tokens", "3", *dev],
         ["apply", str(work / "e.safetensors"), "--out", str(work / "applied"), *dev],
         ["trace", "The Eiffel Tower is in the city of", "--subject", "The Eiffel Tower", "--samples", "2",
          "--out", str(work / "trace"), *dev],
         ["eval", "--method", "rome", "--data", "counterfact", str(data), "--hparams", hp, "--no-generation",
-         "--no-progress", "--out", str(work / "eval.jsonl"), *dev],
+         "--no-progress", "--corpus", str(corpus), "--out", str(work / "eval.jsonl"), *dev],
         ["edit", "--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", "Rome",
-         "--hparams", hp, "--max-new-tokens", "3", "--model", str(folder), "--device-map", "auto", "--dtype", dtype],
+         "--hparams", hp, "--corpus", str(corpus), "--max-new-tokens", "3", "--model", str(folder), "--device-map", "auto",
+         "--dtype", dtype],
     ]  # fmt: skip
     lines = []
     env = dict(os.environ, FACTEDIT_CACHE=str(work / "cache"))
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                 for method in methods:
                     hp = {"mom2_tokens": args.stats_tokens}
                     if method == "rome":
-                        hp.update(layer=layer, v_num_grad_steps=steps, early_stop_loss=0.0, context_templates=templates)
+                        hp.update(layer=layer, v_num_grad_steps=steps, early_stop_loss=0.0, context_templates=templates,
+                                  efficacy_retries=0)  # the research code retries nothing: equal settings
                     try:
                         ed = check_edits(model, tok, method, layer, device, args.edits, hp, work / "cache")
                     except Exception as exc:  # report and go on: one failure must not hide the rest

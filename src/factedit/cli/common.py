@@ -176,6 +176,12 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+def check_corpus(path: Any) -> None:
+    """Refuse a --corpus that is not a file before anything is loaded or written."""
+    if path is not None and not os.path.isfile(path):
+        raise FileNotFoundError(f"--corpus {path} is not a file")
+
+
 def status(message: str) -> None:
     """A progress line for the user (stderr, so stdout stays the command's output)."""
     print(message, file=sys.stderr, flush=True)

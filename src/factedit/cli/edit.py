@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .common import add_model_args, load, parse_hparams, show_phases, status
+from .common import add_model_args, check_corpus, load, parse_hparams, show_phases, status
 
 
 def register(sub) -> None:
@@ -42,6 +42,7 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=25, help="tokens generated per prompt (default 25)")
     p.add_argument("--save", type=Path, default=None, help="save the edit (safetensors) to this file")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars and the progress lines on stderr")
+    p.add_argument("--corpus", type=Path, default=None, help="text/JSON/JSONL corpus of the covariance statistics (default: the packaged Wikipedia lead paragraphs; needed where that package is not installed)")
     add_model_args(p)
     p.set_defaults(func=cmd_edit)
 
@@ -107,6 +108,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise IsADirectoryError(f"--save {args.save} is a folder; give a file name")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    check_corpus(args.corpus)
     model, tok = load(args)
     # Everything that can be checked is checked before the first batch changes any weight.
     for r in requests:
@@ -114,7 +116,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     # Said once, up front: the session below checks the hyperparameters first and may stop.
     warn_subject_at_end(requests)
-    session = EditSession(model, tok, method=args.method, hparams=hparams, context=EditContext(progress=progress))
+    session = EditSession(model, tok, method=args.method, hparams=hparams, context=EditContext(progress=progress, stats_corpus=args.corpus))
     gen_prompts = args.generate or [r.text for r in requests][:10]
     if progress:
         status(f"generating {len(gen_prompts)} continuation(s) before the edit ...")

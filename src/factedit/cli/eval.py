@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_model_args, load
+from .common import add_model_args, check_corpus, load
 
 
 def register(subparsers) -> None:
@@ -104,6 +104,7 @@ def register(subparsers) -> None:
         "join the shards' files with 'factedit merge'. Under torchrun the processes share "
         "the cases by themselves and write one merged --out",
     )
+    p.add_argument("--corpus", type=Path, default=None, help="text/JSON/JSONL corpus of the covariance statistics (default: the packaged Wikipedia lead paragraphs; needed where that package is not installed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
     p.set_defaults(func=cmd_eval)
@@ -200,6 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     get_method(args.method)
     if args.skip < 0:
         raise ValueError(f"--skip must be >= 0, got {args.skip}")
+    check_corpus(args.corpus)
     limit = None if args.limit is None else args.skip + args.limit
     cases = load_dataset(data, kind, limit=limit, skip_invalid=args.skip_invalid)[args.skip :]
     if not cases:
@@ -241,6 +243,7 @@ def _evaluate(
         generation=generation,
         gen_length=args.gen_length,
         seed=args.seed,
+        stats_corpus=args.corpus,
     )
     if is_main_process():
         print(f"{len(cases)} cases from {data}; results -> {out}", file=sys.stderr)
@@ -257,7 +260,7 @@ def _evaluate(
         return 0
     run = run_distributed_evaluation if distributed else run_evaluation
     if distributed:
-        _shared_statistics(model, tok, config.hparams)
+        _shared_statistics(model, tok, config.hparams, args.corpus)
     try:
         summary = run(
             model,
@@ -276,7 +279,7 @@ def _evaluate(
     return 0
 
 
-def _shared_statistics(model: Any, tok: Any, hparams: dict[str, Any] | None) -> None:
+def _shared_statistics(model: Any, tok: Any, hparams: dict[str, Any] | None, corpus: Path | None) -> None:
     """Under torchrun, compute the method's covariance statistics once, split over the
     processes, before the cases (each process's edits then read them from the cache)."""
     from ..stats import layer_stats
@@ -286,7 +289,7 @@ def _shared_statistics(model: Any, tok: Any, hparams: dict[str, Any] | None) -> 
         return
     layers = hp.get("layers") or ([hp["layer"]] if "layer" in hp else [])
     for layer in layers:
-        layer_stats(model, tok, int(layer), tokens=int(hp["mom2_tokens"]), distributed=True)
+        layer_stats(model, tok, int(layer), tokens=int(hp["mom2_tokens"]), corpus=corpus, distributed=True)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

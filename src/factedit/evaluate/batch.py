@@ -107,7 +107,7 @@ def run_batch_evaluation(
         from .tfidf import load_reference_scorer
 
         reference_scorer = load_reference_scorer()
-    context = context or EditContext(progress=False)
+    context = context or EditContext(progress=False, stats_corpus=config.stats_corpus)
     todo_cases = [c for b in todo for c in b]
     bar = tqdm(total=2 * len(todo_cases), disable=not progress, desc=f"eval {config.method} (batches of {batch_size})",
                unit="case", dynamic_ncols=True)  # fmt: skip

@@ -101,6 +101,8 @@ class EvalConfig:
     gen_length: int = 100
     gen_top_k: int = 5
     seed: int = 0
+    # The text corpus of the second-moment statistics (a file path); None: the packaged Wikipedia.
+    stats_corpus: str | None = None
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -537,6 +539,7 @@ def make_config(
     gen_length: int = 100,
     gen_top_k: int = 5,
     seed: int = 0,
+    stats_corpus: str | Path | None = None,
 ) -> EvalConfig:
     """An :class:`EvalConfig` for this model (fingerprinted now: call it on unedited weights)."""
     path = Path(dataset).resolve()
@@ -559,6 +562,7 @@ def make_config(
         gen_length=gen_length,
         gen_top_k=gen_top_k,
         seed=seed,
+        stats_corpus=None if stats_corpus is None else str(Path(stats_corpus).resolve()),
     )
 
 
@@ -639,7 +643,7 @@ def run_evaluation(
         from ..methods import EditContext
 
         # One context for the whole run: statistics and templates are read once, not per case.
-        ekw.setdefault("context", EditContext(progress=False))
+        ekw.setdefault("context", EditContext(progress=False, stats_corpus=config.stats_corpus))
     if config.generation and reference_scorer is None and config.kind == "counterfact":
         from .tfidf import load_reference_scorer
 
