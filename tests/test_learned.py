@@ -107,6 +107,18 @@ def test_cached_editor_is_reused_and_reload_is_bit_identical(model, tok, cf_path
     applied.revert()
 
 
+def test_a_held_context_reads_the_editor_once_and_rechecks_the_model(model, tok, mend_cf, monkeypatch, unchanged_after):
+    root, _ = mend_cf
+    reads, checks = [], []
+    load, check = LearnedEditor.load.__func__, LearnedEditor.check_model
+    monkeypatch.setattr(LearnedEditor, "load", classmethod(lambda cls, *a, **k: reads.append(a) or load(cls, *a, **k)))
+    monkeypatch.setattr(LearnedEditor, "check_model", lambda self, *a: checks.append(a) or check(self, *a))
+    ctx = EditContext(cache_dir=root, progress=False)
+    for target in ("Microsoft", "Google"):
+        edit(model, tok, {**REQUEST, "target_new": {"str": target}}, method="mend-cf", context=ctx).restore()
+    assert len(reads) == 1 and len(checks) == 2
+
+
 def test_untrained_variant_names_the_training_command(model, tok, tmp_path, pristine_state):
     with pytest.raises(EditorNotTrainedError, match="factedit train ke --variant zsre --data"):
         edit(model, tok, REQUEST, method="KE-zsRE", context=EditContext(cache_dir=tmp_path))

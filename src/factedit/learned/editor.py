@@ -15,10 +15,13 @@ from .artifact import EditorFileError, EditorMismatchError, base_fingerprint, re
 from .core import (
     ExampleBatch,
     Factors,
+    HiddenCache,
     edit_gradient_factors,
     example_batch,
     layer_shapes,
+    row_logits,
     to_storage,
+    top_hidden,
 )
 from .nets import build_editor
 
@@ -33,6 +36,27 @@ def condition_embeddings(model: nn.Module, arch: ModelArch, tok: Any, text: str)
     ids = tok(text, return_tensors="pt")["input_ids"].to(get_module(model, arch.embed).weight.device)
     with torch.no_grad():
         return get_module(model, arch.embed)(ids)[0].float()
+
+
+@dataclass
+class PreparedRequest:
+    """One request's tokens and the hidden state entering the first edited block, computed
+    once: valid while the blocks below the edited ones are unchanged (an edit by this editor
+    changes only the edited projections)."""
+
+    ex: ExampleBatch
+    cache: HiddenCache | None
+
+    @torch.no_grad()
+    def target_prob(self, model: nn.Module, arch: ModelArch) -> float:
+        """Per-token geometric-mean probability of the target after the prompt, as
+        :func:`factedit.scoring.target_prob` gives it, on the weights as they are now; runs only
+        the blocks from the first edited one up."""
+        hidden = top_hidden(model, arch, self.ex, self.cache)
+        b = self.ex.batch
+        lp = torch.log_softmax(row_logits(model, arch, hidden, 0, b.target_positions[0]), dim=-1)
+        ids = torch.tensor(list(b.target_ids[0]), device=lp.device)
+        return float(lp[torch.arange(len(ids), device=lp.device), ids].mean().exp())
 
 
 @dataclass
@@ -94,10 +118,23 @@ class LearnedEditor:
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Weight changes (parameter name → dense delta in storage orientation, float32) for
         making ``prompt`` continue with ``target``; the model is not changed."""
+        deltas, diag, _ = self.prepare_and_compute(model, tok, arch, prompt, target, old, min_grad_norm)
+        return deltas, diag
+
+    def prepare_and_compute(
+        self, model: nn.Module, tok: Any, arch: ModelArch, prompt: str, target: str, old: str | None,
+        min_grad_norm: float = 0.0,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], PreparedRequest]:
+        """:meth:`compute`, and the :class:`PreparedRequest` that scores the target after the
+        edit without running the lower blocks again. The model is not changed."""
         device = get_module(model, arch.embed).weight.device
         ex: ExampleBatch = example_batch(tok, [(prompt, target)], device)
-        factors, _, loss = edit_gradient_factors(model, arch, self.layers, ex, None)
-        return self.from_factors(model, tok, arch, factors, loss, prompt, target, old, min_grad_norm)
+        # The blocks below the first edited one run once, without autograd; the gradient pass
+        # and the score after the edit start from their output.
+        cache = HiddenCache.fill(model, arch, min(self.layers), ex)
+        factors, _, loss = edit_gradient_factors(model, arch, self.layers, ex, cache)
+        deltas, diag = self.from_factors(model, tok, arch, factors, loss, prompt, target, old, min_grad_norm)
+        return deltas, diag, PreparedRequest(ex, cache)
 
     def from_factors(
         self, model: nn.Module, tok: Any, arch: ModelArch, factors: Factors, loss: float,

@@ -23,20 +23,36 @@ from ..learned.core import resolve_layers
 from ..learned.editor import LearnedEditor
 from ..models import cache_dir as default_cache_dir
 from ..requests import EditRequest
-from ..scoring import target_prob
 from .base import EditContext, EditMethod, PhaseTimer, WeightEditor
 
 log = logging.getLogger(__name__)
 
 
-def load_editor_for(model: nn.Module, arch: ModelArch, hp: LearnedHParams, cache_root: Path | None) -> LearnedEditor:
+def _load(path: str | Path, memo: dict[str, Any] | None) -> LearnedEditor:
+    """Read an editor file, or take it from ``memo`` when the same file (path, size, mtime) was
+    read before with this memo."""
+    if memo is None:
+        return LearnedEditor.load(path)
+    st = Path(path).stat()
+    key = f"learned-editor/{Path(path).resolve()}/{st.st_size}/{st.st_mtime_ns}"
+    if key not in memo:
+        memo[key] = LearnedEditor.load(path)
+    return memo[key]
+
+
+def load_editor_for(
+    model: nn.Module, arch: ModelArch, hp: LearnedHParams, cache_root: Path | None,
+    memo: dict[str, Any] | None = None,
+) -> LearnedEditor:
     """The editor ``hp`` names (or the cached one for this model), checked against ``model``.
 
-    Raises :class:`~factedit.learned.EditorNotTrainedError` (with the command that trains it)
-    or :class:`~factedit.learned.EditorMismatchError`; changes nothing.
+    ``memo`` (e.g. :attr:`EditContext.memo`) keeps read editor files in memory between edits;
+    the check against the model runs every time. Raises
+    :class:`~factedit.learned.EditorNotTrainedError` (with the command that trains it) or
+    :class:`~factedit.learned.EditorMismatchError`; changes nothing.
     """
     if hp.editor is not None:
-        editor = LearnedEditor.load(hp.editor)
+        editor = _load(hp.editor, memo)
     else:
         layers = resolve_layers(arch, hp.layers)
         names = [arch.mlp_out_weight_name(i) for i in layers]
@@ -44,7 +60,7 @@ def load_editor_for(model: nn.Module, arch: ModelArch, hp: LearnedHParams, cache
         name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         model_name = None if not name_or_path or "smollm2" in str(name_or_path).lower() else name_or_path
         path = artifact.find_editor(cache_root or default_cache_dir(), hp.family, hp.variant, fp, model_name)
-        editor = LearnedEditor.load(path)
+        editor = _load(path, memo)
     if editor.family != hp.family:
         raise artifact.EditorMismatchError(
             f"{hp.editor or editor.path} is a {editor.family.upper()} editor, not {hp.family.upper()}"
@@ -80,11 +96,11 @@ class _Learned(EditMethod):
         assert isinstance(hparams, LearnedHParams)
         timer = PhaseTimer(timings)
         with timer("load_editor"):
-            learned = load_editor_for(model, arch, hparams, context.cache_dir)
+            learned = load_editor_for(model, arch, hparams, context.cache_dir, context.memo)
         out = []
         for req in requests:
             with timer("editor"):
-                deltas, diag = learned.compute(
+                deltas, diag, prepared = learned.prepare_and_compute(
                     model, tok, arch, req.text, req.target_text, req.true_text, hparams.min_grad_norm
                 )
             # The gradient pass already scored the target on the unedited model: no extra pass.
@@ -92,7 +108,8 @@ class _Learned(EditMethod):
             with timer("apply"):
                 editor.apply(deltas)
             with timer("score"):
-                after = float(target_prob(model, tok, [req.text], [req.target_text])[0])
+                # Only the edited blocks and above changed: they alone run again.
+                after = prepared.target_prob(model, arch)
             log.info("%s: %s -> %r: p %.4f -> %.4f", self.name, req.subject, req.target_new, before, after)
             out.append(
                 {

@@ -202,9 +202,8 @@ def base_stats(
     on-disk cache keyed on the model's name). Layers not pinned yet are read from the per-layer
     cache or computed in one truncated pass on the model as it is now.
     """
-    from ..corpus import as_corpus
 
-    corpus = as_corpus(context.stats_corpus)
+    corpus = context.corpus()
     tokens = context.stats_tokens or tokens
     prefix = f"base-stats/{base_model_fingerprint(model)}/{corpus.identity}/{tokens}"
     missing = [i for i in layers if f"{prefix}/{i}" not in context.memo]

@@ -168,7 +168,7 @@ class ROME(EditMethod):
             c = None
             if hparams.mom2_adjustment:
                 c = layer_stats(
-                    model, tok, hparams.layer, arch=arch, corpus=context.stats_corpus,
+                    model, tok, hparams.layer, arch=arch, corpus=context.corpus(),
                     tokens=context.stats_tokens or hparams.mom2_tokens,
                     cache_dir=Path(context.cache_dir) / "stats" if context.cache_dir else None,
                     progress=context.progress, memo=context.memo,
