@@ -70,6 +70,34 @@ def test_prefix_cache_gives_the_same_values(model, tok, setup):
     assert cached.delta.norm() > 0
 
 
+def test_bfloat16_values_run_on_a_weight_copy_and_agree_with_float32(model, tok, setup, pristine_state):
+    """value_dtype="bfloat16" runs the network on a bfloat16 copy of the weights: the float32
+    weights come back bit-for-bit (the same tensors), and the optimised shift is the float32
+    one up to bfloat16 rounding."""
+    arch, hp, templates = setup
+    tensors = {n: p.data_ptr() for n, p in model.named_parameters()}
+    cfg = ValueConfig.from_hparams(hp, steps=6, dtype=None)
+    (fp32,) = optimize_values(model, tok, REQUESTS[:1], arch, hp.layer, templates, cfg)
+    (bf16,) = optimize_values(model, tok, REQUESTS[:1], arch, hp.layer, templates, ValueConfig.from_hparams(hp, steps=6, dtype="bfloat16"))
+    assert all(p.data_ptr() == tensors[n] and p.dtype == torch.float32 for n, p in model.named_parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in pristine_state.items())
+    assert bf16.delta.dtype == torch.float32 and bf16.steps == fp32.steps
+    cos = torch.nn.functional.cosine_similarity(bf16.delta, fp32.delta, dim=0)
+    assert cos > 0.97, float(cos)
+    assert bf16.delta.norm() == pytest.approx(float(fp32.delta.norm()), rel=0.05)
+    assert bf16.nll == pytest.approx(fp32.nll, rel=0.2, abs=0.05)
+
+
+def test_cast_parameters_restores_the_original_tensors_on_error(model):
+    from factedit.hooks import cast_parameters
+
+    before = {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"), cast_parameters(model, torch.bfloat16):
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        raise RuntimeError("boom")
+    assert all((p.data_ptr(), p.dtype) == before[n] for n, p in model.named_parameters())
+
+
 def test_converged_requests_leave_the_batch(model, tok, setup):
     """A request the model already answers stops at once; the others go on."""
     arch, hp, templates = setup

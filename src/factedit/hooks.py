@@ -312,6 +312,31 @@ def as_batch_seq(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     raise ValueError(f"cannot view an activation of shape {tuple(t.shape)} as ({batch}, {seq}, width)")
 
 
+def parameters_castable(model: nn.Module) -> bool:
+    """Whether :func:`cast_parameters` can run on ``model``: no parameter is offloaded (on the
+    meta device, where accelerate's hooks would load the original dtype back)."""
+    return not any(p.device.type == "meta" for p in model.parameters())
+
+
+@contextlib.contextmanager
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Inside the block every floating-point parameter holds a copy of its values in ``dtype``
+    (a ``dtype`` forward then runs native ``dtype`` kernels, with no per-operation casts as
+    under autocast). On exit each parameter gets its original tensor back, so the weights are
+    bit-for-bit what they were, however the block exits. Buffers are left alone. The copies
+    cost the parameters' size in ``dtype`` while the block runs."""
+    saved = []
+    try:
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                saved.append((p, p.data))
+                p.data = p.data.to(dtype)
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
 @contextlib.contextmanager
 def frozen_parameters(model: nn.Module, trainable: Sequence[torch.Tensor] = ()) -> Iterator[None]:
     """Inside the block only ``trainable`` require grad (so backward computes nothing else);
