@@ -108,12 +108,36 @@ class ValueConfig:
         return cls(**{**cfg.__dict__, **overrides}) if overrides else cfg
 
 
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively and faster than float32: a CPU
+    with AMX tiles or AVX-512 BF16 (on this project's Xeon: 2.5x float32 for ROME-sized
+    products), or a CUDA device with bfloat16 support. Elsewhere bfloat16 is emulated."""
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        probes = [getattr(cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+        return any(bool(p()) for p in probes if p is not None)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return False
+
+
+def resolve_value_dtype(name: str | None, model: nn.Module) -> torch.dtype | None:
+    """The dtype the value optimisation runs in: ``None`` (the model's own), a dtype name, or
+    ``"auto"``: bfloat16 on a CPU with native bfloat16 matrix units (:func:`fast_bfloat16`),
+    the model's own dtype elsewhere (on GPUs a gain was not measured)."""
+    if name == "auto":
+        device = model_device(model)
+        return torch.bfloat16 if device.type == "cpu" and fast_bfloat16(device) else None
+    return parse_dtype(name)
+
+
 def check_value_hparams(hp: Any) -> None:
     """Raise ``ValueError`` for ``v_*`` fields (see :meth:`ValueConfig.from_hparams`) that
     cannot work: the checks every method built on this optimiser shares."""
     if hp.v_num_grad_steps < 1 or hp.v_lr <= 0:
         raise ValueError("v_num_grad_steps must be >= 1 and v_lr > 0")
-    parse_dtype(hp.value_dtype)
+    if hp.value_dtype != "auto":
+        parse_dtype(hp.value_dtype)
     for p in hp.kl_prompts:
         if p.count("{}") != 1:
             raise ValueError(f"kl_prompts entries need exactly one '{{}}': {p!r}")
@@ -125,7 +149,8 @@ class ValueResult:
 
     ``delta`` is δ (float32, on the edited layer's device); ``v0`` the MLP output it was added
     to at the bare prompt's subject token; ``done`` whether the request met its stopping
-    criterion within the step budget; ``clamped`` whether ‖δ‖ ended at its bound.
+    criterion within the step budget; ``clamped`` whether ‖δ‖ ended at its bound; ``dtype``
+    the dtype the network ran in.
     """
 
     delta: torch.Tensor
@@ -136,6 +161,7 @@ class ValueResult:
     margin: float
     done: bool
     clamped: bool
+    dtype: str = "float32"
 
     def info(self) -> dict[str, Any]:
         return {
@@ -145,6 +171,7 @@ class ValueResult:
             "v_margin": self.margin,
             "v_done": self.done,
             "v_clamped": self.clamped,
+            "v_dtype": self.dtype,
             "delta_norm": self.delta.norm().item(),
         }
 
@@ -328,17 +355,22 @@ def optimize_values(
     """
     if not requests:
         return []
-    dtype = parse_dtype(cfg.dtype)
+    dtype = resolve_value_dtype(cfg.dtype, model)
     if dtype is None or dtype == model_dtype(model):
-        return _optimize(model, tok, requests, arch, layer, templates, cfg, old_first, init, progress, None)
-    if parameters_castable(model):
+        results = _optimize(model, tok, requests, arch, layer, templates, cfg, old_first, init, progress, None)
+    elif parameters_castable(model):
         # Native low-precision kernels on a copy of the weights: on CPUs with bfloat16 matrix
         # units this is ~2.5x faster per matrix product than float32, where autocast, which
         # re-casts every frozen weight at every use, is slower than float32.
         with cast_parameters(model, dtype), _sdpa_math_on_cpu(model):
-            return _optimize(model, tok, requests, arch, layer, templates, cfg, old_first, init, progress, None)
-    # Offloaded weights are loaded back in their own dtype by accelerate: autocast instead.
-    return _optimize(model, tok, requests, arch, layer, templates, cfg, old_first, init, progress, dtype)
+            results = _optimize(model, tok, requests, arch, layer, templates, cfg, old_first, init, progress, None)
+    else:
+        # Offloaded weights are loaded back in their own dtype by accelerate: autocast instead.
+        results = _optimize(model, tok, requests, arch, layer, templates, cfg, old_first, init, progress, dtype)
+    used = str(dtype or model_dtype(model)).removeprefix("torch.")
+    for r in results:
+        r.dtype = used
+    return results
 
 
 @contextlib.contextmanager
@@ -484,25 +516,40 @@ def _optimize(
     with _replayed_blocks(model, arch, replay) as stand_ins, frozen_parameters(model):
         state["replays"] = stand_ins
         select(torch.arange(n_rows))
+        state["bare_local"] = b.bare.to(device)
+
+        def reference(h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """The KL reference distribution (and the requests it belongs to) from a pass of
+            the unshifted model whose v₀ was captured."""
+            with torch.no_grad():
+                ref = torch.log_softmax(logits_at(h0.detach(), state["kl_local"], state["kl_pos"]), dim=-1)
+            return ref, state["kl_req"]
+
         # The KL reference and v₀ come from the unshifted model, even when δ starts elsewhere.
-        with torch.no_grad():
-            saved = [d.detach().clone() for d in deltas]
-            for d in deltas:
-                d.zero_()
-            state["bare_local"] = b.bare.to(device)
-            state["capture_v0"] = True
-            h0 = forward()
-            state["capture_v0"] = False
-            kl_ref_all = torch.log_softmax(logits_at(h0, state["kl_local"], state["kl_pos"]), dim=-1)
-            kl_ref_req = state["kl_req"]
-            for d, sv in zip(deltas, saved, strict=True):
-                d.copy_(sv)
-        v0_norm2 = v0.norm(dim=1) ** 2
-        max_norm = cfg.clamp_norm_factor * v0.norm(dim=1)
+        # Starting from δ = 0, the first step's pass *is* that model: it provides them, and no
+        # separate pass is needed.
+        fresh = init is None or all(i is None for i in init)
+        if not fresh:
+            with torch.no_grad():
+                saved = [d.detach().clone() for d in deltas]
+                for d in deltas:
+                    d.zero_()
+                state["capture_v0"] = True
+                kl_ref_all, kl_ref_req = reference(forward())
+                state["capture_v0"] = False
+                for d, sv in zip(deltas, saved, strict=True):
+                    d.copy_(sv)
         for step in range(cfg.steps):
             act_idx = torch.nonzero(active).squeeze(1).tolist()
             opt.zero_grad(set_to_none=True)
+            state["capture_v0"] = fresh and step == 0
             h = forward()
+            if state["capture_v0"]:
+                state["capture_v0"] = False
+                kl_ref_all, kl_ref_req = reference(h)
+            if step == 0:
+                v0_norm2 = v0.norm(dim=1) ** 2
+                max_norm = cfg.clamp_norm_factor * v0.norm(dim=1)
             r, p, t, w, rq = state["nll"]
             lp = torch.log_softmax(logits_at(h, r, p), dim=-1)
             nll = per_request(-lp[torch.arange(len(t), device=device), t] * w, rq)

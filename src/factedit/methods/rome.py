@@ -20,8 +20,8 @@ original behaviour is available with ``original_key_bug=True``.
 
 Speed (the value optimisation is nearly all of an edit's time): the blocks below the edited
 layer do not depend on δ, so their outputs are computed once and replayed; logits are formed
-only at the positions a loss reads; the frozen network can run under bfloat16 autocast
-(``value_dtype``), with δ and the loss in float32.
+only at the positions a loss reads; the frozen network can run in bfloat16 on a bfloat16 copy
+of the weights (``value_dtype``), with δ and the loss in float32.
 """
 
 from __future__ import annotations
@@ -80,8 +80,10 @@ class ROMEHParams(HParams):
             ``"mean"`` (u = C⁻¹k*) scaled so that every optimised prompt gets at least the
             shift δ (the smallest uᵀkᵢ is normalised to 1), which carries the edit further
             into contexts it was not optimised on.
-        value_dtype: autocast dtype for the frozen network during the value optimisation
-            (``"bfloat16"`` or ``None`` for the model's dtype).
+        value_dtype: the dtype the frozen network runs in during the value optimisation:
+            ``None`` (the model's), ``"bfloat16"`` (a bfloat16 copy of the weights while it
+            runs), or ``"auto"``: bfloat16 on CPUs with bfloat16 matrix units, else the
+            model's. The diagnostics' ``v_dtype`` says which ran.
         replay_lower_layers: compute the blocks below ``layer`` once and replay them.
         value_margin: the value optimisation stops only once the new target's first token beats
             the old one's (``target_true``, else the model's own top token) by this log-prob on
