@@ -218,3 +218,21 @@ def test_each_key_mode_moves_the_bare_prompt(model, tok, unchanged_after):
     with edited(model, tok, req, hparams={"key_mode": "each"}):
         new, true = mean_target_logprob(model, tok, [text, text], [" Philadelphia", " Paris"]).tolist()
     assert new > true
+
+
+def test_mom2_solver_matches_solve_and_factorises_once_per_statistics():
+    from factedit.methods.rome import mom2_solver
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 64, generator=g)
+    c = (a @ a.T + 64 * torch.eye(64)).float()
+    b, cols = torch.randn(64, generator=g), torch.randn(64, 3, generator=g)
+    memo: dict = {}
+    solve = mom2_solver(c, memo)
+    assert torch.allclose(solve(b), torch.linalg.solve(c.double(), b.double()), atol=1e-10)
+    assert torch.allclose(solve(cols), torch.linalg.solve(c.double(), cols.double()), atol=1e-10)
+    (entry,) = memo.values()
+    assert mom2_solver(c, memo) and list(memo.values()) == [entry]  # reused, not refactorised
+    other = c + torch.eye(64)
+    mom2_solver(other, memo)
+    assert len(memo) == 2
