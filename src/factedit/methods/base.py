@@ -200,10 +200,12 @@ class EditContext:
         otherwise."""
         from ..corpus import as_corpus
 
-        key = ("corpus", id(self.stats_corpus))
-        if key not in self.memo:
-            self.memo[key] = as_corpus(self.stats_corpus)
-        return self.memo[key]
+        key = f"corpus/{id(self.stats_corpus)}"
+        hit = self.memo.get(key)
+        if hit is None or hit[0] is not self.stats_corpus:  # guards against a reused id
+            hit = (self.stats_corpus, as_corpus(self.stats_corpus))
+            self.memo[key] = hit
+        return hit[1]
 
 
 class EditMethod(ABC):
