@@ -108,26 +108,21 @@ class ValueConfig:
         return cls(**{**cfg.__dict__, **overrides}) if overrides else cfg
 
 
-def fast_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices natively and faster than float32: a CPU
-    with AMX tiles or AVX-512 BF16 (on this project's Xeon: 2.5x float32 for ROME-sized
-    products), or a CUDA device with bfloat16 support. Elsewhere bfloat16 is emulated."""
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        probes = [getattr(cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-        return any(bool(p()) for p in probes if p is not None)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return False
+def cpu_has_bfloat16_units() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AMX tiles or AVX-512 BF16; on
+    this project's Xeon 2.5x float32 for ROME-sized products). Elsewhere bfloat16 is emulated."""
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(p()) for p in probes if p is not None)
 
 
 def resolve_value_dtype(name: str | None, model: nn.Module) -> torch.dtype | None:
     """The dtype the value optimisation runs in: ``None`` (the model's own), a dtype name, or
-    ``"auto"``: bfloat16 on a CPU with native bfloat16 matrix units (:func:`fast_bfloat16`),
-    the model's own dtype elsewhere (on GPUs a gain was not measured)."""
+    ``"auto"``: bfloat16 for a model on a CPU with bfloat16 matrix units
+    (:func:`cpu_has_bfloat16_units`), the model's own dtype elsewhere (on accelerators a gain
+    was not measured)."""
     if name == "auto":
-        device = model_device(model)
-        return torch.bfloat16 if device.type == "cpu" and fast_bfloat16(device) else None
+        on_cpu = model_device(model).type == "cpu"
+        return torch.bfloat16 if on_cpu and cpu_has_bfloat16_units() else None
     return parse_dtype(name)
 
 
@@ -355,35 +350,36 @@ def optimize_values(
     """
     if not requests:
         return []
-    dtype = resolve_value_dtype(cfg.dtype, model)
-    if dtype is None or dtype == model_dtype(model):
-        results = _optimize(model, tok, requests, arch, layer, templates, cfg, old_first, init, progress, None)
-    elif parameters_castable(model):
-        # Native low-precision kernels on a copy of the weights: on CPUs with bfloat16 matrix
-        # units this is ~2.5x faster per matrix product than float32, where autocast, which
-        # re-casts every frozen weight at every use, is slower than float32.
-        with cast_parameters(model, dtype), _sdpa_math_on_cpu(model):
-            results = _optimize(model, tok, requests, arch, layer, templates, cfg, old_first, init, progress, None)
-    else:
-        # Offloaded weights are loaded back in their own dtype by accelerate: autocast instead.
-        results = _optimize(model, tok, requests, arch, layer, templates, cfg, old_first, init, progress, dtype)
-    used = str(dtype or model_dtype(model)).removeprefix("torch.")
+    dtype = resolve_value_dtype(cfg.dtype, model) or model_dtype(model)
+    with _precision(model, dtype) as autocast_dtype:
+        results = _optimize(model, tok, requests, arch, layer, templates, cfg, old_first, init, progress, autocast_dtype)
     for r in results:
-        r.dtype = used
+        r.dtype = str(dtype).removeprefix("torch.")
     return results
 
 
 @contextlib.contextmanager
-def _sdpa_math_on_cpu(model: nn.Module) -> Iterator[None]:
-    """On CPU, attention through the math backend: the flash kernel's bfloat16 backward is
-    ~15x slower than its float32 one there (8.7 ms vs 0.58 ms per call on this model)."""
-    if model_device(model).type != "cpu":
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _precision(model: nn.Module, dtype: torch.dtype) -> Iterator[torch.dtype | None]:
+    """Make the frozen network compute in ``dtype`` inside the block; yields the autocast
+    dtype the passes must run under (``None``: none needed)."""
+    if dtype == model_dtype(model):
+        yield None
+    elif not parameters_castable(model):
+        # Offloaded weights are loaded back in their own dtype by accelerate: autocast instead.
+        yield dtype
+    else:
+        # Native low-precision kernels on a copy of the weights: on CPUs with bfloat16 matrix
+        # units ~2.5x faster per matrix product than float32, where autocast, which re-casts
+        # every frozen weight at every use, is slower than float32. On CPU attention goes
+        # through the math backend: the flash kernel's bfloat16 backward is ~15x slower than
+        # its float32 one there (8.7 ms vs 0.58 ms per call on the default model).
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(cast_parameters(model, dtype))
+            if model_device(model).type == "cpu":
+                from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            yield None
 
 
 def _optimize(

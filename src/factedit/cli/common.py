@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("factedit")
@@ -174,6 +175,11 @@ def finish_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def add_corpus_arg(p: argparse.ArgumentParser) -> None:
+    """``--corpus`` for commands whose methods may compute covariance statistics."""
+    p.add_argument("--corpus", type=Path, default=None, help="text/JSON/JSONL corpus of the covariance statistics (default: the packaged Wikipedia lead paragraphs; needed where that package is not installed)")
 
 
 def check_corpus(path: Any) -> None:

@@ -7,7 +7,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from .common import add_model_args, check_corpus, load, parse_hparams, show_phases, status
+from .common import (
+    add_corpus_arg,
+    add_model_args,
+    check_corpus,
+    load,
+    parse_hparams,
+    show_phases,
+    status,
+)
 
 
 def register(sub) -> None:
@@ -42,7 +50,7 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=25, help="tokens generated per prompt (default 25)")
     p.add_argument("--save", type=Path, default=None, help="save the edit (safetensors) to this file")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars and the progress lines on stderr")
-    p.add_argument("--corpus", type=Path, default=None, help="text/JSON/JSONL corpus of the covariance statistics (default: the packaged Wikipedia lead paragraphs; needed where that package is not installed)")
+    add_corpus_arg(p)
     add_model_args(p)
     p.set_defaults(func=cmd_edit)
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import add_model_args, check_corpus, load
+from .common import add_corpus_arg, add_model_args, check_corpus, load
 
 
 def register(subparsers) -> None:
@@ -104,7 +104,7 @@ def register(subparsers) -> None:
         "join the shards' files with 'factedit merge'. Under torchrun the processes share "
         "the cases by themselves and write one merged --out",
     )
-    p.add_argument("--corpus", type=Path, default=None, help="text/JSON/JSONL corpus of the covariance statistics (default: the packaged Wikipedia lead paragraphs; needed where that package is not installed)")
+    add_corpus_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
     p.set_defaults(func=cmd_eval)

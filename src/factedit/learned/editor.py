@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from .core import (
     edit_gradient_factors,
     example_batch,
     layer_shapes,
+    nll,
     row_logits,
     to_storage,
     top_hidden,
@@ -54,9 +56,7 @@ class PreparedRequest:
         the blocks from the first edited one up."""
         hidden = top_hidden(model, arch, self.ex, self.cache)
         b = self.ex.batch
-        lp = torch.log_softmax(row_logits(model, arch, hidden, 0, b.target_positions[0]), dim=-1)
-        ids = torch.tensor(list(b.target_ids[0]), device=lp.device)
-        return float(lp[torch.arange(len(ids), device=lp.device), ids].mean().exp())
+        return math.exp(-float(nll(row_logits(model, arch, hidden, 0, b.target_positions[0]), b.target_ids[0])))
 
 
 @dataclass
@@ -89,8 +89,10 @@ class LearnedEditor:
     def param_names(self, arch: ModelArch) -> list[str]:
         return [arch.mlp_out_weight_name(i) for i in self.layers]
 
-    def check_model(self, model: nn.Module, arch: ModelArch) -> None:
-        """Raise :class:`EditorMismatchError` unless this editor was trained for ``model``."""
+    def check_model(self, model: nn.Module, arch: ModelArch, fingerprint: str | None = None) -> None:
+        """Raise :class:`EditorMismatchError` unless this editor was trained for ``model``.
+        ``fingerprint``: the model's :func:`base_fingerprint` over this editor's layers, if
+        the caller already computed it."""
         made_on = self.header.get("base_model", {})
         where = made_on.get("name_or_path") or made_on.get("model_key") or "another model"
         if max(self.layers) >= arch.n_layers:
@@ -104,7 +106,7 @@ class LearnedEditor:
                 f"this editor was trained for {where}: its layers have shapes {self.header['shapes']}, "
                 f"here {[list(s) for s in shapes]}. The model was not changed."
             )
-        fp = base_fingerprint(model, arch, self.param_names(arch))
+        fp = fingerprint or base_fingerprint(model, arch, self.param_names(arch))
         if fp != made_on.get("fingerprint"):
             raise EditorMismatchError(
                 f"this editor was trained for a different base model ({where}); its weights differ "

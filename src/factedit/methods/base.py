@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -176,6 +176,19 @@ class EditResult:
         return save_edit(self, path)
 
 
+def memo_by_identity(memo: dict[str, Any] | None, kind: str, obj: Any, make: Callable[[Any], Any]) -> Any:
+    """``make(obj)``, computed once per object while ``memo`` (e.g. :attr:`EditContext.memo`)
+    keeps it; ``memo=None`` computes it afresh. Keyed by ``kind`` and ``id(obj)``, with ``obj``
+    kept beside the result, so a later object that reuses the id never gets this result."""
+    if memo is None:
+        return make(obj)
+    key = f"{kind}/{id(obj)}"
+    hit = memo.get(key)
+    if hit is None or hit[0] is not obj:
+        hit = memo[key] = (obj, make(obj))
+    return hit[1]
+
+
 @dataclass
 class EditContext:
     """What methods may need beyond the model: where to cache, whether to show progress.
@@ -200,12 +213,7 @@ class EditContext:
         otherwise."""
         from ..corpus import as_corpus
 
-        key = f"corpus/{id(self.stats_corpus)}"
-        hit = self.memo.get(key)
-        if hit is None or hit[0] is not self.stats_corpus:  # guards against a reused id
-            hit = (self.stats_corpus, as_corpus(self.stats_corpus))
-            self.memo[key] = hit
-        return hit[1]
+        return memo_by_identity(self.memo, "corpus", self.stats_corpus, as_corpus)
 
 
 class EditMethod(ABC):

@@ -51,6 +51,7 @@ def load_editor_for(
     :class:`~factedit.learned.EditorNotTrainedError` (with the command that trains it) or
     :class:`~factedit.learned.EditorMismatchError`; changes nothing.
     """
+    fp, layers = None, None
     if hp.editor is not None:
         editor = _load(hp.editor, memo)
     else:
@@ -69,7 +70,8 @@ def load_editor_for(
         raise artifact.EditorMismatchError(
             f"the editor edits layers {editor.layers}, hparams ask for {hp.layers}; train one for those layers"
         )
-    editor.check_model(model, arch)
+    # The fingerprint that found the editor is the one to check, if it covers the same layers.
+    editor.check_model(model, arch, fp if layers == editor.layers else None)
     return editor
 
 

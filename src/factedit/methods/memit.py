@@ -202,7 +202,6 @@ def base_stats(
     on-disk cache keyed on the model's name). Layers not pinned yet are read from the per-layer
     cache or computed in one truncated pass on the model as it is now.
     """
-
     corpus = context.corpus()
     tokens = context.stats_tokens or tokens
     prefix = f"base-stats/{base_model_fingerprint(model)}/{corpus.identity}/{tokens}"

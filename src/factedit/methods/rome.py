@@ -51,7 +51,7 @@ from ..scoring import target_token_scores
 from ..stats import layer_stats
 from ..tokens import encode_target
 from ..values import ValueConfig, build_rows, check_value_hparams, optimize_values
-from .base import EditContext, EditMethod, LowRankDelta, PhaseTimer, WeightEditor
+from .base import EditContext, EditMethod, LowRankDelta, PhaseTimer, WeightEditor, memo_by_identity
 
 log = logging.getLogger(__name__)
 
@@ -374,13 +374,7 @@ def mom2_solver(mom2: torch.Tensor, memo: dict[str, Any] | None = None) -> Calla
     through C's LU factorisation, computed once per statistics tensor when a ``memo`` (e.g.
     :attr:`EditContext.memo`, which also holds that tensor) keeps it: a 1,536² factorisation
     in float64 is ~35 ms, done for every update otherwise."""
-    key = f"rome/mom2-lu/{id(mom2)}"
-    hit = memo.get(key) if memo is not None else None
-    if hit is None or hit[0] is not mom2:  # the identity check guards against a reused id
-        hit = (mom2, *torch.linalg.lu_factor(mom2.to(torch.float64)))
-        if memo is not None:
-            memo[key] = hit
-    _, lu, pivots = hit
+    lu, pivots = memo_by_identity(memo, "rome/mom2-lu", mom2, lambda c: torch.linalg.lu_factor(c.to(torch.float64)))
 
     def solve(b: torch.Tensor) -> torch.Tensor:
         b = b.to(lu.device, torch.float64)
