@@ -12,7 +12,7 @@ from conftest import assert_weights_equal
 from factedit import EditSession, apply_edits, edit
 from factedit.arch import describe
 from factedit.methods.alphaedit import alphaedit_delta, nullspace_projector
-from factedit.methods.memit import memit_delta
+from factedit.methods.memit import keys_and_hidden, memit_delta
 from factedit.requests import EditRequest, InvalidRequestError, load_requests, parse_requests_text
 from factedit.scoring import target_token_scores
 from factedit.values import ValueConfig, optimize_values
@@ -99,7 +99,60 @@ def test_alphaedit_projector_annihilates_preserved_keys():
     assert (dw.double() @ k.double().T - r.double().T).abs().max() < 0.05 * r.abs().max()
 
 
+def test_alphaedit_statistics_penalty_solves_its_normal_equations():
+    # ΔW (K Kᵀ P + K_p K_pᵀ P + λ C P + α I) = R Kᵀ P; with P = I and α → 0 this is MEMIT's update
+    # with the earlier keys in the normal equations.
+    g = torch.Generator().manual_seed(2)
+    d_in, d_out, n = 24, 6, 5
+    c = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    c = c @ c.T / d_in
+    u = torch.linalg.qr(torch.randn(d_in, 16, generator=g, dtype=torch.float64))[0]
+    p = u @ u.T
+    k = torch.randn(n, d_in, generator=g)
+    kp = torch.randn(7, d_in, generator=g, dtype=torch.float64)
+    r = torch.randn(n, d_out, generator=g)
+    lam, alpha = 0.7, 0.2
+    dw = alphaedit_delta(k, r, p, kp.T @ kp, alpha, _Arch(), mom2=c, mom2_weight=lam)
+    dw = dw.materialize() if hasattr(dw, "materialize") else dw
+    kd = k.double()
+    lhs = dw.double() @ ((kd.T @ kd + kp.T @ kp + lam * c) @ p + alpha * torch.eye(d_in, dtype=torch.float64))
+    assert torch.allclose(lhs, r.double().T @ kd @ p, atol=1e-6)
+    assert (dw.double() @ (torch.eye(d_in, dtype=torch.float64) - p)).abs().max() < 1e-5 * dw.abs().max()  # rows in P's range
+    memit = memit_delta(k, r, c + kp.T @ kp / lam, lam, _Arch())
+    memit = memit.materialize() if hasattr(memit, "materialize") else memit
+    same = alphaedit_delta(k, r, torch.eye(d_in, dtype=torch.float64), kp.T @ kp, 1e-12, _Arch(), mom2=c, mom2_weight=lam)
+    same = same.materialize() if hasattr(same, "materialize") else same
+    assert torch.allclose(same.double(), memit.double(), atol=1e-6)
+
+
 # ---- MEMIT on the real model -------------------------------------------------------------------
+
+
+def test_key_passes_resumed_above_an_edited_layer_match_full_passes(model, tok, unchanged_after):
+    # MEMIT's keys after a lower layer's update, computed from the recorded inputs of that layer,
+    # equal a full pass; so do the top block's outputs.
+    arch = describe(model)
+    reqs = [EditRequest.from_any(r) for r in REQUESTS]
+    templates = ["{}", "The river. {}", "Today, {}"]
+    _, _, inputs = keys_and_hidden(model, tok, reqs, arch, 4, None, templates, 8, record=4)
+    _, _, top_inputs = keys_and_hidden(model, tok, reqs, arch, None, 6, ["{}"], 8, record=4)
+    assert inputs is not None and len(inputs.chunks) == 2  # 8 rows per pass: 2 requests × 3 templates
+    weight = model.get_parameter(arch.mlp_out_weight_name(4))
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(0.05 * torch.randn_like(weight))
+    try:
+        full_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8)
+        resumed_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8, resume=inputs)
+        _, full_h, _ = keys_and_hidden(model, tok, reqs, arch, None, 6, ["{}"], 8)
+        _, resumed_h, _ = keys_and_hidden(model, tok, reqs, arch, None, 6, ["{}"], 8, resume=top_inputs)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    assert torch.allclose(full_k, resumed_k, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(full_h, resumed_h, atol=1e-5, rtol=1e-4)
+    before_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8)
+    assert not torch.allclose(before_k, full_k, atol=1e-3)  # the update did reach layer 5's keys
 
 
 def test_memit_raises_every_target_and_restores_exactly(model, tok, unchanged_after):

@@ -279,7 +279,7 @@ def build_rows(
 # ---- replaying the lower blocks -----------------------------------------------------------
 
 
-class _Replay(nn.Module):
+class BlockReplay(nn.Module):
     """Stands in for a block whose output is fixed: returns the recorded output for the rows
     currently in the batch."""
 
@@ -306,12 +306,13 @@ def _take_rows(value: Any, rows: torch.Tensor, n_rows: int) -> Any:
 
 
 @contextlib.contextmanager
-def _replayed_blocks(model: nn.Module, arch: ModelArch, outputs: list[Any]) -> Iterator[list[_Replay]]:
-    """Replace blocks ``0..len(outputs)-1`` by :class:`_Replay` stand-ins; put them back on exit."""
+def replayed_blocks(model: nn.Module, arch: ModelArch, outputs: list[Any]) -> Iterator[list[BlockReplay]]:
+    """Replace blocks ``0..len(outputs)-1`` by :class:`BlockReplay` stand-ins returning the given
+    outputs (the model then computes only the blocks above); put the blocks back on exit."""
     originals, stand_ins = [], []
     try:
         for i, out in enumerate(outputs):
-            stand_in = _Replay(out)
+            stand_in = BlockReplay(out)
             originals.append(replace_module(model, arch.layer_name(i), stand_in))
             stand_ins.append(stand_in)
         yield stand_ins
@@ -509,7 +510,7 @@ def _optimize(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, desc=f"value optimisation ({n_req} request{'s' * (n_req > 1)})", leave=False)
-    with _replayed_blocks(model, arch, replay) as stand_ins, frozen_parameters(model):
+    with replayed_blocks(model, arch, replay) as stand_ins, frozen_parameters(model):
         state["replays"] = stand_ins
         select(torch.arange(n_rows))
         state["bare_local"] = b.bare.to(device)

@@ -43,7 +43,7 @@ from ..requests import EditRequest, check_conflicts
 from ..scoring import target_token_scores
 from ..stats import layers_stats
 from ..tokens import encode_target
-from ..values import ValueConfig, build_rows, check_value_hparams, optimize_values
+from ..values import ValueConfig, build_rows, check_value_hparams, optimize_values, replayed_blocks
 from .base import EditContext, EditMethod, LowRankDelta, PhaseTimer, WeightEditor
 from .rome import context_templates
 
@@ -138,22 +138,14 @@ class MEMIT(EditMethod):
             before, old_first = probe(model, tok, requests)
         with timer("value"):
             values, z = compute_targets(model, tok, requests, hparams, arch, templates, old_first, context.progress)
-        layers = list(hparams.layers)
-        top = layers[-1]
-        layer_info: list[dict[str, Any]] = []
-        for i, layer in enumerate(layers):
-            with timer("key"):
-                keys, h_top = keys_and_hidden(model, tok, requests, arch, layer, top, templates, hparams.key_batch_rows)
-            resid = (z - h_top) / (len(layers) - i)  # (n, hidden): spread over the layers left
-            with timer("update"):
-                delta = self.layer_update(layer, keys, resid, mom2[layer], hparams, arch)
-                editor.apply({arch.mlp_out_weight_name(layer): delta})
-            self.record_keys(layer, keys, context)
-            layer_info.append({"layer": layer, "resid_norm": float(resid.norm(dim=1).mean())})
+        layers, top = list(hparams.layers), hparams.layers[-1]
+        layer_info, top_from = self.spread(model, tok, requests, z, hparams, arch, context, editor, mom2, templates, timer)
         self.finish(context)
         with timer("probe"):
             (after, _) = probe(model, tok, requests, old=False)
-            _, h_final = keys_and_hidden(model, tok, requests, arch, top, top, ["{}"], hparams.key_batch_rows)
+            _, h_final, _ = keys_and_hidden(
+                model, tok, requests, arch, None, top, ["{}"], hparams.key_batch_rows, resume=top_from
+            )
         diagnostics = []
         for j, v in enumerate(values):
             info = v.info()
@@ -169,6 +161,48 @@ class MEMIT(EditMethod):
         if diagnostics:
             diagnostics[0]["layer_residuals"] = layer_info
         return diagnostics
+
+    def spread(
+        self,
+        model: nn.Module,
+        tok: Any,
+        requests: list[EditRequest],
+        z: torch.Tensor,
+        hparams: MEMITHParams,
+        arch: ModelArch,
+        context: EditContext,
+        editor: WeightEditor,
+        mom2: dict[int, torch.Tensor],
+        templates: list[str],
+        timer: PhaseTimer,
+    ) -> tuple[list[dict[str, Any]], BlockInputs | None]:
+        """Write the target hidden states ``z`` ``(n, hidden)`` into the range, bottom-up (step 2
+        of the module docstring), through ``editor``. Returns per-layer information and the
+        recorded inputs of the top layer's bare-prompt pass (valid after the last update)."""
+        layers, top = list(hparams.layers), hparams.layers[-1]
+        layer_info: list[dict[str, Any]] = []
+        # Each layer's keys and the top block's output are recomputed on the model as edited so
+        # far, but the blocks below the layer edited last did not change: each pass starts from
+        # the inputs of that layer, recorded by the pass before.
+        rows = hparams.key_batch_rows
+        key_from: BlockInputs | None = None
+        top_from: BlockInputs | None = None
+        for i, layer in enumerate(layers):
+            with timer("key"):
+                keys, _, key_from = keys_and_hidden(
+                    model, tok, requests, arch, layer, None, templates, rows, resume=key_from, record=layer
+                )
+                _, h_top, top_from = keys_and_hidden(
+                    model, tok, requests, arch, None, top, ["{}"], rows, resume=top_from, record=layer
+                )
+            assert keys is not None and h_top is not None
+            resid = (z - h_top) / (len(layers) - i)  # (n, hidden): spread over the layers left
+            with timer("update"):
+                delta = self.layer_update(layer, keys, resid, mom2[layer], hparams, arch)
+                editor.apply({arch.mlp_out_weight_name(layer): delta})
+            self.record_keys(layer, keys, context)
+            layer_info.append({"layer": layer, "resid_norm": float(resid.norm(dim=1).mean())})
+        return layer_info, top_from
 
     # ---- what AlphaEdit overrides ---------------------------------------------------------
     def prepare(self, model: nn.Module, tok: Any, hp: MEMITHParams, arch: ModelArch,
@@ -272,8 +306,21 @@ def compute_targets(
     # z: the top block's output with δ added at its MLP output (for Llama-style blocks simply
     # h_top + δ; measured, so blocks with a norm after the MLP are right too).
     delta = torch.stack([v.delta for v in values])
-    _, z = keys_and_hidden(model, tok, requests, arch, top, top, ["{}"], hp.key_batch_rows, shift=delta)
+    _, z, _ = keys_and_hidden(model, tok, requests, arch, None, top, ["{}"], hp.key_batch_rows, shift=delta)
+    assert z is not None
     return values, z
+
+
+@dataclass
+class BlockInputs:
+    """Per chunk of rows of a :func:`keys_and_hidden` pass, the input of block ``block`` (the
+    output of the block below, as that block returns it). A later pass over the same requests,
+    templates and ``batch_rows`` starts there instead of at the embeddings, which is exact as
+    long as no block below ``block`` changed in between (MEMIT edits its range bottom-up, so the
+    input of the layer just edited stays valid for the next one)."""
+
+    block: int
+    chunks: list[Any] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -282,30 +329,50 @@ def keys_and_hidden(
     tok: Any,
     requests: list[EditRequest],
     arch: ModelArch,
-    layer: int,
-    top: int,
+    layer: int | None,
+    top: int | None,
     templates: list[str],
     batch_rows: int = 128,
     shift: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    *,
+    resume: BlockInputs | None = None,
+    record: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, BlockInputs | None]:
     """For each request: the key at ``layer`` (the MLP output projection's input at the subject's
     last token, averaged over ``templates``) ``(n, mlp_size)``, and the output of block ``top``
-    at the subject's last token of the bare prompt ``(n, hidden)``; both float32.
+    at the subject's last token of the bare prompt ``(n, hidden)``; both float32 (``None`` where
+    ``layer`` or ``top`` is ``None``).
 
-    Rows of all requests are batched ``batch_rows`` at a time; the forward pass stops after
-    block ``top``. ``shift`` ``(n, hidden)``: added to block ``top``'s MLP output at the subject's
-    last token of every row (the value optimisation's δ), to read the target hidden state.
+    Rows of all requests are batched ``batch_rows`` at a time; the forward pass stops after the
+    deepest module it needs. ``shift`` ``(n, hidden)``: added to block ``top``'s MLP output at
+    the subject's last token of every row (the value optimisation's δ), to read the target
+    hidden state. ``resume``: start from the block inputs an earlier call recorded (see
+    :class:`BlockInputs`); ``record``: record the input of block ``record`` (at least
+    ``resume.block``, at most the deepest block this pass runs) and return it third.
     """
+    if layer is None and top is None:
+        raise ValueError("keys_and_hidden needs a layer, a top block or both")
     device = model_device(model)
     n_t = len(templates)
     bare_t = templates.index("{}") if "{}" in templates else 0
     per_chunk = max(1, batch_rows // n_t)
-    key_name, top_name, mlp_name = arch.mlp_out_name(layer), arch.layer_name(top), arch.mlp_name(top)
+    start = resume.block if resume is not None else 0
+    if record is not None and record < start:
+        raise ValueError(f"cannot record the input of block {record} in a pass starting at block {start}")
+    names = []
+    if layer is not None:
+        names.append(arch.mlp_out_name(layer))
+    if top is not None:
+        names += [arch.layer_name(top)] + ([arch.mlp_name(top)] if shift is not None else [])
+    record_name = arch.layer_name(record - 1) if record else None
+    if record_name is not None:
+        names.append(record_name)
+    recorded = BlockInputs(record) if record is not None else None
     keys, hidden = [], []
     cur: dict[str, torch.Tensor] = {}
 
     def add_shift(output: Any, name: str) -> Any:
-        if name != mlp_name or shift is None:
+        if top is None or name != arch.mlp_name(top) or shift is None:
             return output
         flat = first_tensor(output)
         h = as_batch_seq(flat, *cur["ids"].shape).clone()
@@ -313,25 +380,31 @@ def keys_and_hidden(
         h[r, cur["pos"].to(h.device)] += cur["shift"].to(h.device, h.dtype)
         return with_first_tensor(output, h.view(flat.shape))
 
-    for s in range(0, len(requests), per_chunk):
+    for c, s in enumerate(range(0, len(requests), per_chunk)):
         part = requests[s : s + per_chunk]
         b = build_rows(tok, part, templates, [], [None] * len(part))
         ids = b.input_ids.to(device)
         cur["ids"], cur["pos"] = ids, b.subject_pos
         if shift is not None:
             cur["shift"] = shift[s : s + per_chunk].repeat_interleave(n_t, dim=0)
-        names = [key_name, top_name] + ([mlp_name] if shift is not None else [])
-        with TraceDict(model, names, retain_input=True, stop=True, edit_output=add_shift) as td:
+        below = [resume.chunks[c]] * start if resume is not None and start > 0 else []
+        with replayed_blocks(model, arch, below), TraceDict(
+            model, names, retain_input=True, stop=True, edit_output=add_shift
+        ) as td:  # fmt: skip
             model(input_ids=ids, attention_mask=b.attention_mask.to(device), use_cache=False)
         rows = torch.arange(ids.shape[0], device=device)
         pos = b.subject_pos.to(device)
-        k = as_batch_seq(td[key_name].input, *ids.shape)
-        k = k[rows.to(k.device), pos.to(k.device)].float().view(len(part), n_t, -1)
-        keys.append(k.mean(1))
-        h = as_batch_seq(first_tensor(td[top_name].output), *ids.shape)
-        h = h[rows.to(h.device), pos.to(h.device)].float().view(len(part), n_t, -1)
-        hidden.append(h[:, bare_t])
-    return torch.cat(keys), torch.cat(hidden)
+        if layer is not None:
+            k = as_batch_seq(td[arch.mlp_out_name(layer)].input, *ids.shape)
+            k = k[rows.to(k.device), pos.to(k.device)].float().view(len(part), n_t, -1)
+            keys.append(k.mean(1))
+        if top is not None:
+            h = as_batch_seq(first_tensor(td[arch.layer_name(top)].output), *ids.shape)
+            h = h[rows.to(h.device), pos.to(h.device)].float().view(len(part), n_t, -1)
+            hidden.append(h[:, bare_t])
+        if recorded is not None:
+            recorded.chunks.append(td[record_name].output if record_name is not None else None)
+    return (torch.cat(keys) if keys else None), (torch.cat(hidden) if hidden else None), recorded
 
 
 def as_weight_delta(left_out: torch.Tensor, right_in: torch.Tensor, arch: ModelArch) -> LowRankDelta | torch.Tensor:
