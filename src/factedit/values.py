@@ -306,13 +306,15 @@ def _take_rows(value: Any, rows: torch.Tensor, n_rows: int) -> Any:
 
 
 @contextlib.contextmanager
-def replayed_blocks(model: nn.Module, arch: ModelArch, outputs: list[Any]) -> Iterator[list[BlockReplay]]:
-    """Replace blocks ``0..len(outputs)-1`` by :class:`BlockReplay` stand-ins returning the given
-    outputs (the model then computes only the blocks above); put the blocks back on exit."""
+def replayed_blocks(model: nn.Module, arch: ModelArch, n_blocks: int, output: Any) -> Iterator[list[BlockReplay]]:
+    """Replace blocks ``0..n_blocks-1`` by :class:`BlockReplay` stand-ins that return ``output``,
+    the recorded output of block ``n_blocks - 1`` (the stand-ins ignore their inputs, so only the
+    top one's output matters and the model computes only the blocks above); put the blocks back
+    on exit."""
     originals, stand_ins = [], []
     try:
-        for i, out in enumerate(outputs):
-            stand_in = BlockReplay(out)
+        for i in range(n_blocks):
+            stand_in = BlockReplay(output)
             originals.append(replace_module(model, arch.layer_name(i), stand_in))
             stand_ins.append(stand_in)
         yield stand_ins
@@ -447,13 +449,13 @@ def _optimize(
             model(**kwargs)
         return td
 
-    replay: list[Any] = []
+    n_replayed, replay = 0, None
     if cfg.replay_lower_layers and layer > 0:
         state.update(rows=torch.arange(n_rows), ids=ids_all, mask=mask_all)
-        names = [arch.layer_name(i) for i in range(layer)]
+        below = arch.layer_name(layer - 1)
         with torch.no_grad():
-            td = run(names)
-        replay = [td[n].output for n in names]
+            replay = run([below])[below].output
+        n_replayed = layer
 
     active = torch.ones(n_req, dtype=torch.bool)
 
@@ -510,7 +512,7 @@ def _optimize(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, desc=f"value optimisation ({n_req} request{'s' * (n_req > 1)})", leave=False)
-    with replayed_blocks(model, arch, replay) as stand_ins, frozen_parameters(model):
+    with replayed_blocks(model, arch, n_replayed, replay) as stand_ins, frozen_parameters(model):
         state["replays"] = stand_ins
         select(torch.arange(n_rows))
         state["bare_local"] = b.bare.to(device)

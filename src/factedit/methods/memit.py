@@ -387,8 +387,8 @@ def keys_and_hidden(
         cur["ids"], cur["pos"] = ids, b.subject_pos
         if shift is not None:
             cur["shift"] = shift[s : s + per_chunk].repeat_interleave(n_t, dim=0)
-        below = [resume.chunks[c]] * start if resume is not None and start > 0 else []
-        with replayed_blocks(model, arch, below), TraceDict(
+        below = resume.chunks[c] if resume is not None and start > 0 else None
+        with replayed_blocks(model, arch, start, below), TraceDict(
             model, names, retain_input=True, stop=True, edit_output=add_shift
         ) as td:  # fmt: skip
             model(input_ids=ids, attention_mask=b.attention_mask.to(device), use_cache=False)
