@@ -1,4 +1,4 @@
-"""Choose MEMIT's (or AlphaEdit's) update hyperparameters at a large batch, cheaply.
+"""Choose MEMIT's (or AlphaEdit's, EMMET's) update hyperparameters at a large batch, cheaply.
 
 The values (δ for every request: nearly all of an edit's cost) depend only on the model, the
 requests and the top layer, not on λ, α or the lower layers of the range. This script optimises
@@ -34,7 +34,7 @@ from bench_mass_editing import data_path  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", default="memit", choices=["memit", "alphaedit"])
+    ap.add_argument("--method", default="memit", choices=["memit", "alphaedit", "emmet"])
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--offset", type=int, default=2000)
     ap.add_argument("--data", default="counterfact-train.json")

@@ -12,6 +12,7 @@ from conftest import assert_weights_equal
 from factedit import EditSession, apply_edits, edit
 from factedit.arch import describe
 from factedit.methods.alphaedit import alphaedit_delta, nullspace_projector
+from factedit.methods.emmet import emmet_delta
 from factedit.methods.memit import keys_and_hidden, memit_delta
 from factedit.requests import EditRequest, InvalidRequestError, load_requests, parse_requests_text
 from factedit.scoring import target_token_scores
@@ -155,6 +156,46 @@ def test_key_passes_resumed_above_an_edited_layer_match_full_passes(model, tok, 
     assert not torch.allclose(before_k, full_k, atol=1e-3)  # the update did reach layer 5's keys
 
 
+def test_emmet_delta_meets_its_constraints_and_is_memit_on_one_layer():
+    g = torch.Generator().manual_seed(2)
+    d_in, d_out, n = 40, 12, 6
+    c = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    c = c @ c.T / d_in + 0.1 * torch.eye(d_in, dtype=torch.float64)
+    k = torch.randn(n, d_in, generator=g)
+    r = torch.randn(n, d_out, generator=g)
+
+    def dense(d):
+        return (d.materialize() if hasattr(d, "materialize") else d).double()
+
+    # δ = 0: every key is mapped exactly to its residual (equality constraints) ...
+    exact = dense(emmet_delta(k, r, c, 50.0, 0.0, _Arch()))
+    assert torch.allclose(exact @ k.double().T, r.double().T, atol=1e-8)
+    # ... by the smallest change in C's metric: any other solution of ΔW K = R costs more.
+    other = exact + torch.randn(d_out, d_in, generator=g, dtype=torch.float64) @ (
+        torch.eye(d_in, dtype=torch.float64) - k.double().T @ torch.linalg.pinv(k.double().T))
+    assert torch.allclose(other @ k.double().T, r.double().T, atol=1e-8)
+    cost = lambda d: torch.trace(d @ c @ d.T)  # noqa: E731
+    assert cost(exact) < cost(other)
+    # δ > 0: MEMIT's least-squares update with λ = λ_m · δ.
+    soft = dense(emmet_delta(k, r, c, 50.0, 0.02, _Arch()))
+    assert torch.allclose(soft, dense(memit_delta(k, r, c, 50.0 * 0.02, _Arch())), atol=1e-8)
+    assert not torch.allclose(soft @ k.double().T, r.double().T, atol=1e-3)
+
+
+def test_emmet_raises_every_target_on_one_layer_and_restores_exactly(model, tok, unchanged_after):
+    before = p_new(model, tok, REQUESTS)
+    hp = {**SMALL, "layers": [4], "emmet_lambda": 0.0}  # the exact constraints
+    result = edit(model, tok, REQUESTS, method="emmet", hparams=hp)
+    try:
+        after = p_new(model, tok, REQUESTS)
+        for r, b, a in zip(REQUESTS, before, after, strict=True):
+            assert a > 2 * b, f"{r['subject']}: P({r['target_new']['str']}) {b:.4f} -> {a:.4f}"
+        assert sorted(result.original) == [describe(model).mlp_out_weight_name(4)]
+    finally:
+        result.restore()
+    with pytest.raises(ValueError, match="EMMET edits one layer"):
+        edit(model, tok, REQUESTS, method="emmet", hparams=SMALL)
+
 def test_memit_raises_every_target_and_restores_exactly(model, tok, unchanged_after):
     before = p_new(model, tok, REQUESTS)
     result = edit(model, tok, REQUESTS, method="memit", hparams=SMALL)
@@ -280,7 +321,7 @@ def test_batch_evaluation_sequential_measures_all_at_the_end(model, tok, pristin
 
 
 @pytest.mark.parametrize("arch_name", ["gpt2", "llama"])
-@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+@pytest.mark.parametrize("method", ["memit", "alphaedit", "emmet"])
 def test_mass_editing_runs_on_tiny_architectures(tok, arch_name, method, tmp_path):
     """Coverage of the storage orientations (GPT-2's Conv1D is transposed), not of quality."""
     from conftest import make_tiny_model
@@ -288,11 +329,12 @@ def test_mass_editing_runs_on_tiny_architectures(tok, arch_name, method, tmp_pat
 
     tiny = make_tiny_model(arch_name)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
-    hp = {"layers": [0, 1], "context_templates": [[3, 1]], "v_num_grad_steps": 3, "mom2_tokens": 2000}
+    layers = [1] if method == "emmet" else [0, 1]
+    hp = {"layers": layers, "context_templates": [[3, 1]], "v_num_grad_steps": 3, "mom2_tokens": 2000}
     ctx = EditContext(cache_dir=tmp_path, progress=False)
     result = edit(tiny, tok, REQUESTS[:2], method=method, hparams=hp, context=ctx)
     arch = describe(tiny)
-    names = [arch.mlp_out_weight_name(i) for i in (0, 1)]
+    names = [arch.mlp_out_weight_name(i) for i in layers]
     assert sorted(result.original) == sorted(names)
     for n in names:
         assert not torch.equal(tiny.get_parameter(n), before[n]) and torch.isfinite(tiny.get_parameter(n)).all()

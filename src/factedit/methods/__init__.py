@@ -42,13 +42,14 @@ def _methods() -> dict[str, type[EditMethod]]:
     # Every method module is imported unconditionally: one that fails to import is an error
     # for every caller, never a silently missing method.
     from .alphaedit import AlphaEdit
+    from .emmet import EMMET
     from .ft import FT, FTL, FTAttnEdit
     from .kn import KN
     from .learned import LEARNED_METHODS
     from .memit import MEMIT
     from .rome import ROME
 
-    classes: list[type[EditMethod]] = [ROME, FT, FTL, FTAttnEdit, KN, MEMIT, AlphaEdit, *LEARNED_METHODS]
+    classes: list[type[EditMethod]] = [ROME, FT, FTL, FTAttnEdit, KN, MEMIT, AlphaEdit, EMMET, *LEARNED_METHODS]
     return {c.name: c for c in classes}
 
 
