@@ -96,15 +96,22 @@ def main() -> None:
     edit_s = sum(v.mean * v.n for k, v in summary.seconds.items() if k == "edit")
     print(summary.to_markdown())
     print()
-    print(f"{args.method}: {len(cases)} edits of {path.name}[{args.offset}:{args.offset + len(cases)}] in batches of {batch}"
-          f"{', sequential' if args.sequential else ''}; torch threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"editing {edit_s:.0f} s ({edit_s / len(cases):.2f} s per fact); evaluation run {seconds:.0f} s; "
-          f"all-in {total:.0f} s incl. model load; peak RSS {peak_gb:.2f} GB")
+    report(args, f"{args.method}: {len(cases)} edits of {path.name}[{args.offset}:{args.offset + len(cases)}] in "
+                 f"batches of {batch}{', sequential' if args.sequential else ''}",
+           f"editing {edit_s:.0f} s ({edit_s / len(cases):.2f} s per fact); evaluation run {seconds:.0f} s; "
+           f"all-in {total:.0f} s incl. model load; peak RSS {peak_gb:.2f} GB",
+           {**summary.to_dict(), "edit_seconds": edit_s, "run_seconds": seconds, "all_in_seconds": total,
+            "peak_rss_gb": peak_gb})  # fmt: skip
+
+
+def report(args: argparse.Namespace, what: str, figures: str, record: dict) -> None:
+    """Print what ran (with the thread count), its figures and the command; write ``record``
+    (plus the command) to ``--json``."""
+    print(f"{what}; torch threads {torch.get_num_threads()}")
+    print(figures)
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     if args.json:
-        Path(args.json).write_text(json.dumps({**summary.to_dict(), "edit_seconds": edit_s, "run_seconds": seconds,
-                                               "all_in_seconds": total, "peak_rss_gb": peak_gb,
-                                               "command": sys.argv}, indent=1, default=str))  # fmt: skip
+        Path(args.json).write_text(json.dumps({**record, "command": sys.argv}, indent=1, default=str))
 
 
 def time_edit(args: argparse.Namespace) -> None:
@@ -126,15 +133,12 @@ def time_edit(args: argparse.Namespace) -> None:
     result.restore()
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items() if k != "total")
-    print(f"{args.method}: {len(requests)} edits of {path.name}[{args.offset}:{args.offset + len(requests)}] in one call; "
-          f"torch threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"editing {seconds:.0f} s ({seconds / len(requests):.2f} s per fact; {phases}); all-in {total:.0f} s "
-          f"incl. model load; peak RSS {peak_gb:.2f} GB")
-    print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"edit_seconds": seconds, "per_fact": seconds / len(requests),
-                                               "timings": result.timings, "all_in_seconds": total,
-                                               "peak_rss_gb": peak_gb, "command": sys.argv}, indent=1))  # fmt: skip
+    report(args, f"{args.method}: {len(requests)} edits of {path.name}[{args.offset}:{args.offset + len(requests)}] "
+                 "in one call",
+           f"editing {seconds:.0f} s ({seconds / len(requests):.2f} s per fact; {phases}); all-in {total:.0f} s "
+           f"incl. model load; peak RSS {peak_gb:.2f} GB",
+           {"edit_seconds": seconds, "per_fact": seconds / len(requests), "timings": result.timings,
+            "all_in_seconds": total, "peak_rss_gb": peak_gb})  # fmt: skip
 
 
 if __name__ == "__main__":
