@@ -210,6 +210,19 @@ def test_memit_raises_every_target_and_restores_exactly(model, tok, unchanged_af
         result.restore()
 
 
+def test_a_second_spreading_round_writes_more_of_the_residual(model, tok, unchanged_after):
+    # Same values both times (deterministic); the second round writes what λ held back.
+    errors = {}
+    for rounds in (1, 2):
+        result = edit(model, tok, REQUESTS[:2], method="memit", hparams={**SMALL, "spread_rounds": rounds})
+        try:
+            errors[rounds] = [d["z_error"] for d in result.diagnostics]
+            assert len(result.diagnostics[0]["layer_residuals"]) == 2 * rounds
+        finally:
+            result.restore()
+    for one, two in zip(errors[1], errors[2], strict=True):
+        assert two < one
+
 def test_memit_refuses_conflicting_requests(model, tok, unchanged_after):
     clash = [REQUESTS[0], {**REQUESTS[0], "target_new": {"str": "Berlin"}}]
     with pytest.raises(InvalidRequestError, match="requests 0 and 1 .*different targets"):
