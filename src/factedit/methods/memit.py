@@ -193,28 +193,30 @@ class MEMIT(EditMethod):
         layer_info: list[dict[str, Any]] = []
         # Each layer's keys and the top block's output are recomputed on the model as edited so
         # far, but the blocks below the layer edited last did not change: each pass starts from
-        # the inputs of that layer, recorded by the pass before.
+        # the inputs of that layer, recorded by the pass before. The inputs of the bottom layer
+        # never change, so later rounds start from those the first round recorded.
         rows = hparams.key_batch_rows
-        key_from: BlockInputs | None = None
+        bottom: tuple[BlockInputs | None, BlockInputs | None] = (None, None)
         top_from: BlockInputs | None = None
-        for i, layer in [(i, layer) for _ in range(hparams.spread_rounds) for i, layer in enumerate(layers)]:
-            if i == 0:
-                # A new round starts again at the bottom layer, below every recorded input.
-                key_from, top_from = None, None
-            with timer("key"):
-                keys, _, key_from = keys_and_hidden(
-                    model, tok, requests, arch, layer, None, templates, rows, resume=key_from, record=layer
-                )
-                _, h_top, top_from = keys_and_hidden(
-                    model, tok, requests, arch, None, top, ["{}"], rows, resume=top_from, record=layer
-                )
-            assert keys is not None and h_top is not None
-            resid = (z - h_top) / (len(layers) - i)  # (n, hidden): spread over the layers left
-            with timer("update"):
-                delta = self.layer_update(layer, keys, resid, mom2[layer], hparams, arch)
-                editor.apply({arch.mlp_out_weight_name(layer): delta})
-            self.record_keys(layer, keys, context)
-            layer_info.append({"layer": layer, "resid_norm": float(resid.norm(dim=1).mean())})
+        for _ in range(hparams.spread_rounds):
+            key_from, top_from = bottom
+            for i, layer in enumerate(layers):
+                with timer("key"):
+                    keys, _, key_from = keys_and_hidden(
+                        model, tok, requests, arch, layer, None, templates, rows, resume=key_from, record=layer
+                    )
+                    _, h_top, top_from = keys_and_hidden(
+                        model, tok, requests, arch, None, top, ["{}"], rows, resume=top_from, record=layer
+                    )
+                assert keys is not None and h_top is not None
+                if i == 0 and hparams.spread_rounds > 1:
+                    bottom = (key_from, top_from)
+                resid = (z - h_top) / (len(layers) - i)  # (n, hidden): spread over the layers left
+                with timer("update"):
+                    delta = self.layer_update(layer, keys, resid, mom2[layer], hparams, arch)
+                    editor.apply({arch.mlp_out_weight_name(layer): delta})
+                self.record_keys(layer, keys, context)
+                layer_info.append({"layer": layer, "resid_norm": float(resid.norm(dim=1).mean())})
         return layer_info, top_from
 
     # ---- what AlphaEdit overrides ---------------------------------------------------------
