@@ -17,12 +17,14 @@ settings on records you will not report on (the reports use the first 1,000 reco
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,6 +33,50 @@ sys.path.insert(0, str(REPO))
 
 from bench_mass_editing import data_path  # noqa: E402
 
+METRICS = ("ES", "PS", "NS", "EM", "PM", "ES-acc", "PS-acc")
+
+
+def cached_values(
+    folder: str | None,
+    model: Any,
+    tok: Any,
+    requests: list,
+    hp: Any,
+    arch: Any,
+    templates: list[str],
+) -> torch.Tensor:
+    """The target hidden states z of ``requests`` (MEMIT's value stage), read from ``folder``
+    when a file there was computed from the same weights, requests, templates and base
+    hyperparameters, else computed (and written there when ``folder`` is given)."""
+    from safetensors.torch import load_file, save_file
+
+    from factedit.fingerprint import module_params_fingerprint
+    from factedit.methods.memit import compute_targets, probe
+
+    def compute() -> torch.Tensor:
+        _, old_first = probe(model, tok, requests)
+        return compute_targets(model, tok, requests, hp, arch, templates, old_first, progress=True)[
+            1
+        ]
+
+    if folder is None:
+        return compute()
+    key = hashlib.blake2b(digest_size=16)
+    for part in (
+        module_params_fingerprint(model, [""]),
+        json.dumps(hp.to_dict(), sort_keys=True, default=str),
+        json.dumps(templates),
+        json.dumps([r.to_dict() for r in requests], sort_keys=True),
+    ):
+        key.update(part.encode() + b"\0")
+    path = Path(folder) / f"values-{key.hexdigest()}.safetensors"
+    if path.is_file():
+        return load_file(path)["z"].to(next(model.parameters()).device)
+    z = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"z": z.detach().cpu().contiguous()}, str(path))
+    return z
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,20 +84,55 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--offset", type=int, default=2000)
     ap.add_argument("--data", default="counterfact-train.json")
-    ap.add_argument("--hparams", default=None, help="inline JSON: base overrides (the values use these)")
-    ap.add_argument("--set", action="append", default=[], help="inline JSON overrides of one setting (repeat)")
+    ap.add_argument(
+        "--hparams", default=None, help="inline JSON: base overrides (the values use these)"
+    )
+    ap.add_argument(
+        "--set", action="append", default=[], help="inline JSON overrides of one setting (repeat)"
+    )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--gen-sample",
+        type=int,
+        default=0,
+        help="also measure fluency (GE) on the generation prompts of the first K cases",
+    )
+    ap.add_argument(
+        "--measure",
+        type=int,
+        default=0,
+        help="measure only the first K of the N edited cases (all N are written); 0: all",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=None,
+        help="e.g. 2,3: write each setting one spreading round at a time, measure after these",
+    )
     ap.add_argument("--json", default=None, help="write the summaries here")
+    ap.add_argument(
+        "--cache",
+        default=None,
+        help="folder for the optimised values, keyed on the weights, requests, templates and "
+        "base hyperparameters: a second sweep of the same batch skips the value optimisation",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from factedit import load_model
     from factedit.arch import describe
-    from factedit.evaluate import load_dataset, make_config
-    from factedit.evaluate.runner import _append, _json_id, measure_case, read_results, summarize
+    from factedit.evaluate import generation_entropy, load_dataset, make_config
+    from factedit.evaluate.runner import (
+        _append,
+        _json_id,
+        case_generations,
+        measure_case,
+        read_results,
+        summarize,
+    )
     from factedit.methods import EditContext, get_method, resolve_hparams
     from factedit.methods.base import PhaseTimer, WeightEditor
-    from factedit.methods.memit import base_stats, compute_targets, probe
+    from factedit.methods.memit import base_stats
     from factedit.methods.rome import context_templates
 
     path = Path(args.data) if Path(args.data).is_file() else data_path(args.data)
@@ -69,50 +150,87 @@ def main() -> None:
     timer = PhaseTimer(timings)
 
     t0 = time.perf_counter()
-    pres = {_json_id(c.case_id): measure_case(model, tok, c, cfg, generation=False) for c in cases}
+    measured = cases[: args.measure] if args.measure else cases
+    pres = {
+        _json_id(c.case_id): measure_case(model, tok, c, cfg, generation=False) for c in measured
+    }
+    gen_cases = [c for c in measured if c.generation_prompts][: args.gen_sample]
+
+    def fluency() -> float:
+        """Mean GE over the generation sample (seeded per case, so settings differ only by the edit)."""
+        ge = [generation_entropy(case_generations(model, tok, c, cfg)) for c in gen_cases]
+        return sum(ge) / len(ge) if ge else float("nan")
+
+    pre_ge = fluency()
     t_pre = time.perf_counter() - t0
     templates = context_templates(model, tok, hp, context)
     with timer("value"):
-        _, old_first = probe(model, tok, requests)
-        _, z = compute_targets(model, tok, requests, hp, arch, templates, old_first, progress=True)
+        z = cached_values(args.cache, model, tok, requests, hp, arch, templates)
     rows = []
     tmp = tempfile.TemporaryDirectory()
+
+    def measure(setting: dict, tag: str) -> dict:
+        out = Path(tmp.name) / f"{tag}.jsonl"
+        _append(out, {"type": "header", "config": cfg.to_dict(), "notes": [json.dumps(setting)]})
+        for c in measured:
+            pre = pres[_json_id(c.case_id)]
+            post = measure_case(model, tok, c, cfg, pre=pre, generation=False)
+            _append(out, {"type": "case", "case_id": c.case_id, "pre": pre.metrics, "post": post.metrics,
+                          "seconds": {"edit": 0.0},
+                          "pre_neighborhood_argmax": [list(a) for a in pre.neighborhood.true_argmax]})  # fmt: skip
+        summary = summarize(read_results(out), [c.case_id for c in measured])
+        post = {m: summary.post[m].mean for m in METRICS if m in summary.post}
+        return {"pre_NS": summary.pre["NS"].mean, **post, "pre_GE": pre_ge, "GE": fluency()}
+
     for k, setting in enumerate([json.loads(s) for s in args.set] or [{}]):
         shp = resolve_hparams(method, model, {**base, **setting}, arch)
         method.check(shp, arch)
         if shp.layers[-1] != hp.layers[-1]:
-            raise SystemExit(f"setting {setting} changes the top layer ({shp.layers[-1]} vs {hp.layers[-1]})")
+            raise SystemExit(
+                f"setting {setting} changes the top layer ({shp.layers[-1]} vs {hp.layers[-1]})"
+            )
+        # Round r + 1 of a spread is a one-round spread on the model the first r rounds left
+        # (the residual is recomputed there), so one write measures several round counts.
+        upto = sorted(args.rounds) if args.rounds else [shp.spread_rounds]
         ctx = EditContext(progress=False)  # a fresh context: AlphaEdit keeps no earlier keys
         mom2 = base_stats(model, tok, shp.layers, arch, ctx, shp.mom2_tokens)
         editor = WeightEditor(model)
-        t1 = time.perf_counter()
+        one = shp.replace(spread_rounds=1)
+        t_write = 0.0
         try:
             method.prepare(model, tok, shp, arch, ctx, mom2)
-            method.spread(model, tok, requests, z, shp, arch, ctx, editor, mom2, templates, timer)
-            t_write = time.perf_counter() - t1
-            out = Path(tmp.name) / f"s{k}.jsonl"
-            _append(out, {"type": "header", "config": cfg.to_dict(), "notes": [json.dumps(setting)]})
-            for c in cases:
-                pre = pres[_json_id(c.case_id)]
-                post = measure_case(model, tok, c, cfg, pre=pre, generation=False)
-                _append(out, {"type": "case", "case_id": c.case_id, "pre": pre.metrics, "post": post.metrics,
-                              "seconds": {"edit": 0.0},
-                              "pre_neighborhood_argmax": [list(a) for a in pre.neighborhood.true_argmax]})  # fmt: skip
+            for r in range(1, upto[-1] + 1):
+                t1 = time.perf_counter()
+                method.spread(
+                    model, tok, requests, z, one, arch, ctx, editor, mom2, templates, timer
+                )
+                t_write += time.perf_counter() - t1
+                if r in upto:
+                    shown = {**setting, "spread_rounds": r} if args.rounds else setting
+                    rows.append(
+                        {"setting": shown, **measure(shown, f"s{k}r{r}"), "write_s": t_write}
+                    )
+                    print(json.dumps(rows[-1]), flush=True)
         finally:
             editor.restore()
-        summary = summarize(read_results(out), [c.case_id for c in cases])
-        post = {m: summary.post[m].mean for m in ("ES", "PS", "NS", "EM", "PM", "ES-acc", "PS-acc") if m in summary.post}
-        pre_ns = summary.pre["NS"].mean
-        rows.append({"setting": setting, "pre_NS": pre_ns, **post, "write_s": t_write})
-        print(json.dumps(rows[-1]), flush=True)
     print()
     print(f"{args.method} sweep: {len(cases)} edits of {path.name}[{args.offset}:{args.offset + len(cases)}] in one "
-          f"batch; values once in {timings['value']:.0f} s; pre-edit measures {t_pre:.0f} s; torch threads "
+          f"batch ({len(measured)} measured); values once in {timings['value']:.0f} s; pre-edit measures "
+          f"{t_pre:.0f} s; torch threads "
           f"{torch.get_num_threads()}")  # fmt: skip
-    print("| setting | ES | PS | NS (pre " + f"{100 * rows[0]['pre_NS']:.1f}) | EM | PM |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    ge_head = f" GE (pre {pre_ge:.2f}, {len(gen_cases)} cases) |" if gen_cases else ""
+    print(
+        "| setting | ES | PS | NS (pre " + f"{100 * rows[0]['pre_NS']:.1f}) | EM | PM |" + ge_head
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gen_cases else ""))
     for r in rows:
-        print(f"| `{json.dumps(r['setting'])}` | " + " | ".join(f"{100 * r[m]:.1f}" for m in ("ES", "PS", "NS", "EM", "PM")) + " |")
+        ge_cell = f" {r['GE']:.2f} |" if gen_cases else ""
+        print(
+            f"| `{json.dumps(r['setting'])}` | "
+            + " | ".join(f"{100 * r[m]:.1f}" for m in ("ES", "PS", "NS", "EM", "PM"))
+            + " |"
+            + ge_cell
+        )
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

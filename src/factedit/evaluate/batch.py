@@ -109,7 +109,9 @@ def run_batch_evaluation(
         reference_scorer = load_reference_scorer()
     context = context or EditContext(progress=False, stats_corpus=config.stats_corpus)
     todo_cases = [c for b in todo for c in b]
-    bar = tqdm(total=2 * len(todo_cases), disable=not progress, desc=f"eval {config.method} (batches of {batch_size})",
+    # Three steps per case (measure before, edit, measure after): the edits are most of a
+    # sequential run's time, so the bar has to move while they happen.
+    bar = tqdm(total=3 * len(todo_cases), disable=not progress, desc=f"eval {config.method} (batches of {batch_size})",
                unit="case", dynamic_ncols=True)  # fmt: skip
 
     def measure(case: EvalCase, pre: Any = None) -> Any:
@@ -119,23 +121,28 @@ def run_batch_evaluation(
         return m
 
     session = EditSession(model, tok, method=config.method, hparams=hparams, context=context)
+
+    def apply(k: int, batch: list[EvalCase]) -> dict[Any, float]:
+        """Edit ``batch`` in the session; the seconds per case."""
+        bar.set_postfix_str(f"editing batch {k + 1}/{len(todo)}")
+        t0 = time.perf_counter()
+        session.apply([c.request for c in batch])
+        per_case = (time.perf_counter() - t0) / len(batch)
+        bar.set_postfix_str("")
+        bar.update(len(batch))
+        return {_json_id(c.case_id): per_case for c in batch}
     try:
         pres = {_json_id(c.case_id): measure(c) for c in todo_cases}
         if config.sequential:
             edit_seconds = {}
-            for b in todo:
-                t0 = time.perf_counter()
-                session.apply([c.request for c in b])
-                for c in b:
-                    edit_seconds[_json_id(c.case_id)] = (time.perf_counter() - t0) / len(b)
+            for k, b in enumerate(todo):
+                edit_seconds.update(apply(k, b))
             records = [_record(c, pres, measure(c, pres[_json_id(c.case_id)]), edit_seconds) for c in todo_cases]
             for rec in records:
                 _append(out, rec)
         else:
-            for b in todo:
-                t0 = time.perf_counter()
-                session.apply([c.request for c in b])
-                secs = {_json_id(c.case_id): (time.perf_counter() - t0) / len(b) for c in b}
+            for k, b in enumerate(todo):
+                secs = apply(k, b)
                 try:
                     posts = [measure(c, pres[_json_id(c.case_id)]) for c in b]
                 finally:
