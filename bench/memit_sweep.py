@@ -52,26 +52,25 @@ def cached_values(
 
     from factedit.fingerprint import module_params_fingerprint
     from factedit.methods.memit import compute_targets, probe
+    from factedit.models import model_device
 
     def compute() -> torch.Tensor:
         _, old_first = probe(model, tok, requests)
-        return compute_targets(model, tok, requests, hp, arch, templates, old_first, progress=True)[
-            1
-        ]
+        _, z = compute_targets(model, tok, requests, hp, arch, templates, old_first, progress=True)
+        return z
 
     if folder is None:
         return compute()
-    key = hashlib.blake2b(digest_size=16)
-    for part in (
+    parts = [
         module_params_fingerprint(model, [""]),
-        json.dumps(hp.to_dict(), sort_keys=True, default=str),
-        json.dumps(templates),
-        json.dumps([r.to_dict() for r in requests], sort_keys=True),
-    ):
-        key.update(part.encode() + b"\0")
-    path = Path(folder) / f"values-{key.hexdigest()}.safetensors"
+        hp.to_dict(),
+        templates,
+        [r.to_dict() for r in requests],
+    ]
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = Path(folder) / f"values-{key}.safetensors"
     if path.is_file():
-        return load_file(path)["z"].to(next(model.parameters()).device)
+        return load_file(path)["z"].to(model_device(model))
     z = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"z": z.detach().cpu().contiguous()}, str(path))

@@ -131,6 +131,7 @@ def run_batch_evaluation(
         bar.set_postfix_str("")
         bar.update(len(batch))
         return {_json_id(c.case_id): per_case for c in batch}
+
     try:
         pres = {_json_id(c.case_id): measure(c) for c in todo_cases}
         if config.sequential:
