@@ -121,6 +121,7 @@ def main() -> None:
     from factedit import load_model
     from factedit.arch import describe
     from factedit.evaluate import generation_entropy, load_dataset, make_config
+    from factedit.evaluate.batch import _record
     from factedit.evaluate.runner import (
         _append,
         _json_id,
@@ -154,6 +155,7 @@ def main() -> None:
         _json_id(c.case_id): measure_case(model, tok, c, cfg, generation=False) for c in measured
     }
     gen_cases = [c for c in measured if c.generation_prompts][: args.gen_sample]
+    no_edit_seconds = dict.fromkeys(pres, 0.0)  # the values and writes are timed per setting instead
 
     def fluency() -> float:
         """Mean GE over the generation sample (seeded per case, so settings differ only by the edit)."""
@@ -172,11 +174,8 @@ def main() -> None:
         out = Path(tmp.name) / f"{tag}.jsonl"
         _append(out, {"type": "header", "config": cfg.to_dict(), "notes": [json.dumps(setting)]})
         for c in measured:
-            pre = pres[_json_id(c.case_id)]
-            post = measure_case(model, tok, c, cfg, pre=pre, generation=False)
-            _append(out, {"type": "case", "case_id": c.case_id, "pre": pre.metrics, "post": post.metrics,
-                          "seconds": {"edit": 0.0},
-                          "pre_neighborhood_argmax": [list(a) for a in pre.neighborhood.true_argmax]})  # fmt: skip
+            post = measure_case(model, tok, c, cfg, pre=pres[_json_id(c.case_id)], generation=False)
+            _append(out, _record(c, pres, post, no_edit_seconds))
         summary = summarize(read_results(out), [c.case_id for c in measured])
         post = {m: summary.post[m].mean for m in METRICS if m in summary.post}
         return {"pre_NS": summary.pre["NS"].mean, **post, "pre_GE": pre_ge, "GE": fluency()}
