@@ -61,9 +61,11 @@ def cached_values(
 
     if folder is None:
         return compute()
+    # retry_rounds acts after the values (and is newer than the caches written so far).
+    hp_key = {k: v for k, v in hp.to_dict().items() if k != "retry_rounds"}
     parts = [
         module_params_fingerprint(model, [""]),
-        hp.to_dict(),
+        hp_key,
         templates,
         [r.to_dict() for r in requests],
     ]
@@ -165,6 +167,9 @@ def main() -> None:
     pre_ge = fluency()
     t_pre = time.perf_counter() - t0
     templates = context_templates(model, tok, hp, context)
+    from factedit.methods.memit import probe
+
+    _, old_first = probe(model, tok, requests)  # for retry rounds: the tokens to beat
     with timer("value"):
         z = cached_values(args.cache, model, tok, requests, hp, arch, templates)
     rows = []
@@ -189,7 +194,10 @@ def main() -> None:
             )
         # Round r + 1 of a spread is a one-round spread on the model the first r rounds left
         # (the residual is recomputed there), so one write measures several round counts.
+        # Retry rounds come after the last one (``method.execute``'s order).
         upto = sorted(args.rounds) if args.rounds else [shp.spread_rounds]
+        # With retries and no --rounds, only the rows after retries are measured.
+        measured_rounds = upto if args.rounds or not shp.retry_rounds else []
         ctx = EditContext(progress=False)  # a fresh context: AlphaEdit keeps no earlier keys
         mom2 = base_stats(model, tok, shp.layers, arch, ctx, shp.mom2_tokens)
         editor = WeightEditor(model)
@@ -203,12 +211,28 @@ def main() -> None:
                     model, tok, requests, z, one, arch, ctx, editor, mom2, templates, timer
                 )
                 t_write += time.perf_counter() - t1
-                if r in upto:
+                if r in measured_rounds:
                     shown = {**setting, "spread_rounds": r} if args.rounds else setting
                     rows.append(
                         {"setting": shown, **measure(shown, f"s{k}r{r}"), "write_s": t_write}
                     )
                     print(json.dumps(rows[-1]), flush=True)
+            # Retry rounds (``retry_rounds`` in a setting) after the last spreading round,
+            # measured after each one; the row above is the same write without them.
+            for t in range(1, shp.retry_rounds + 1):
+                t1 = time.perf_counter()
+                failed, _ = method.retry(
+                    model, tok, requests, shp, arch, ctx, editor, mom2, templates, old_first, timer
+                )
+                t_write += time.perf_counter() - t1
+                shown = {**setting, "spread_rounds": upto[-1], "retry_rounds": t}
+                rows.append(
+                    {"setting": shown, **measure(shown, f"s{k}t{t}"), "write_s": t_write,
+                     "retried": len(failed)}  # fmt: skip
+                )
+                print(json.dumps(rows[-1]), flush=True)
+                if not failed:
+                    break
         finally:
             editor.restore()
     print()

@@ -13,7 +13,7 @@ from factedit import EditSession, apply_edits, edit
 from factedit.arch import describe
 from factedit.methods.alphaedit import alphaedit_delta, nullspace_projector
 from factedit.methods.emmet import emmet_delta
-from factedit.methods.memit import keys_and_hidden, memit_delta
+from factedit.methods.memit import holds, keys_and_hidden, memit_delta
 from factedit.requests import EditRequest, InvalidRequestError, load_requests, parse_requests_text
 from factedit.scoring import target_token_scores
 from factedit.values import ValueConfig, optimize_values
@@ -222,6 +222,31 @@ def test_a_second_spreading_round_writes_more_of_the_residual(model, tok, unchan
             result.restore()
     for one, two in zip(errors[1], errors[2], strict=True):
         assert two < one
+
+def test_a_retry_round_raises_the_requests_that_did_not_hold_and_pins_the_others(model, tok, unchanged_after):
+    # A strong penalty leaves some requests short of their new target after one write.
+    hp = {**SMALL, "mom2_update_weight": 20000.0}
+    reqs = [EditRequest.from_any(r) for r in REQUESTS]
+    runs = {}
+    for retry in (0, 1):
+        result = edit(model, tok, REQUESTS, method="memit", hparams={**hp, "retry_rounds": retry})
+        try:
+            runs[retry] = (holds(model, tok, reqs), p_new(model, tok, REQUESTS), result.diagnostics)
+        finally:
+            result.restore()
+    held, p0, d0 = runs[0]
+    _, p1, d1 = runs[1]
+    assert any(held) and not all(held), f"the setting must leave some requests failing: {held}"
+    assert [d["retried"] for d in d0] == [0] * len(reqs)
+    assert [d["retried"] for d in d1] == [int(not h) for h in held]
+    for r, h, a, b in zip(REQUESTS, held, p0, p1, strict=True):
+        if h:  # pinned: where it was
+            assert b == pytest.approx(a, abs=0.02), r["subject"]
+        else:
+            assert b > a, f"{r['subject']}: P(new) {a:.4f} -> {b:.4f} after a retry"
+    failing = [j for j, h in enumerate(held) if not h]
+    assert sum(p1[j] for j in failing) > 1.1 * sum(p0[j] for j in failing)
+
 
 def test_memit_refuses_conflicting_requests(model, tok, unchanged_after):
     clash = [REQUESTS[0], {**REQUESTS[0], "target_new": {"str": "Berlin"}}]
