@@ -167,7 +167,7 @@ def main() -> None:
     pre_ge = fluency()
     t_pre = time.perf_counter() - t0
     templates = context_templates(model, tok, hp, context)
-    from factedit.methods.memit import probe
+    from factedit.methods.memit import Write, probe
 
     _, old_first = probe(model, tok, requests)  # for retry rounds: the tokens to beat
     with timer("value"):
@@ -201,15 +201,13 @@ def main() -> None:
         ctx = EditContext(progress=False)  # a fresh context: AlphaEdit keeps no earlier keys
         mom2 = base_stats(model, tok, shp.layers, arch, ctx, shp.mom2_tokens)
         editor = WeightEditor(model)
-        one = shp.replace(spread_rounds=1)
+        w = Write(model, tok, shp, arch, ctx, editor, mom2, templates, timer)
         t_write = 0.0
         try:
             method.prepare(model, tok, shp, arch, ctx, mom2)
             for r in range(1, upto[-1] + 1):
                 t1 = time.perf_counter()
-                method.spread(
-                    model, tok, requests, z, one, arch, ctx, editor, mom2, templates, timer
-                )
+                method.spread(w, requests, z, 1)
                 t_write += time.perf_counter() - t1
                 if r in measured_rounds:
                     shown = {**setting, "spread_rounds": r} if args.rounds else setting
@@ -219,11 +217,10 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
             # Retry rounds (``retry_rounds`` in a setting) after the last spreading round,
             # measured after each one; the row above is the same write without them.
+            failed: list[int] | None = None
             for t in range(1, shp.retry_rounds + 1):
                 t1 = time.perf_counter()
-                failed, _ = method.retry(
-                    model, tok, requests, shp, arch, ctx, editor, mom2, templates, old_first, timer
-                )
+                failed = method.retry(w, requests, old_first, among=failed)
                 t_write += time.perf_counter() - t1
                 shown = {**setting, "spread_rounds": upto[-1], "retry_rounds": t}
                 rows.append(

@@ -228,7 +228,7 @@ def test_a_retry_round_raises_the_requests_that_did_not_hold_and_pins_the_others
     hp = {**SMALL, "mom2_update_weight": 20000.0}
     reqs = [EditRequest.from_any(r) for r in REQUESTS]
     runs = {}
-    for retry in (0, 1):
+    for retry in (0, 1, 2):
         result = edit(model, tok, REQUESTS, method="memit", hparams={**hp, "retry_rounds": retry})
         try:
             runs[retry] = (holds(model, tok, reqs), p_new(model, tok, REQUESTS), result.diagnostics)
@@ -246,6 +246,10 @@ def test_a_retry_round_raises_the_requests_that_did_not_hold_and_pins_the_others
             assert b > a, f"{r['subject']}: P(new) {a:.4f} -> {b:.4f} after a retry"
     failing = [j for j, h in enumerate(held) if not h]
     assert sum(p1[j] for j in failing) > 1.1 * sum(p0[j] for j in failing)
+    # A second round checks (and retries) only what the first retried; the pinned stay out.
+    d2 = runs[2][2]
+    assert all(d["retried"] == 0 for d, h in zip(d2, held, strict=True) if h)
+    assert all(d["retried"] >= 1 for d, h in zip(d2, held, strict=True) if not h)
 
 
 def test_memit_refuses_conflicting_requests(model, tok, unchanged_after):

@@ -16,8 +16,8 @@ A batch of facts is written into the MLP output projections of a range of layers
    storage orientation. With ``spread_rounds`` > 1 the range is written again, bottom-up, with
    what the rounds before left of z − h_top (λ keeps every layer from writing its whole share).
 3. **Retries** (``retry_rounds`` > 0, not in the paper): the requests that do not hold on the
-   edited model get a new δ optimised there, and the range is written once more with every
-   other request pinned to its current hidden state.
+   edited model get a new δ optimised there, and the range is written once more for them,
+   with every other request pinned (residual 0) by the keys the last write read.
 
 E[kkᵀ] are the statistics of the *unedited* model (:mod:`factedit.stats`, all layers of the
 range from one truncated pass). Once layers of the range are edited, the statistics' cache key
@@ -82,9 +82,10 @@ class MEMITHParams(HParams):
         retry_rounds: after the write, the requests whose new target does not yet beat the old
             one on their own prompt (CounterFact's efficacy test: P(new) > P(true), or the new
             first token greedy when no true target is given) get their δ optimised again on
-            the edited model, and the range is written once more with every other request
-            pinned to its current hidden state (residual 0). 0: the paper. Each round costs
-            the value optimisation of the requests that failed plus one spreading round.
+            the edited model, and the range is written once more for them, with every other
+            request pinned (residual 0) by the keys the last write read (no key passes over
+            the others; see :meth:`MEMIT.retry`). 0: the paper. Each round costs an efficacy
+            probe of the batch plus the value optimisation and key passes of the failures.
     """
 
     layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])
@@ -112,6 +113,25 @@ class MEMITHParams(HParams):
         lo = max(0, round(arch.n_layers * 0.11))
         hi = max(lo, min(arch.n_layers - 1, round(arch.n_layers * 0.29)))
         return self.replace(layers=list(range(lo, hi + 1)))
+
+
+@dataclass
+class Write:
+    """What the writes of one MEMIT call share: the model and its tokenizer, the call's
+    hyperparameters, architecture, context, editor (every update goes through it), E[kkᵀ] per
+    layer, the context templates and the phase timer. ``keys``: per layer, the keys of every
+    request of the call as the last full write read them (for the retries' pinning)."""
+
+    model: nn.Module
+    tok: Any
+    hparams: MEMITHParams
+    arch: ModelArch
+    context: EditContext
+    editor: WeightEditor
+    mom2: dict[int, torch.Tensor]
+    templates: list[str]
+    timer: PhaseTimer
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class MEMIT(EditMethod):
@@ -162,14 +182,15 @@ class MEMIT(EditMethod):
         with timer("value"):
             values, z = compute_targets(model, tok, requests, hparams, arch, templates, old_first, context.progress)
         layers, top = list(hparams.layers), hparams.layers[-1]
-        layer_info, top_from = self.spread(model, tok, requests, z, hparams, arch, context, editor, mom2, templates, timer)
+        w = Write(model, tok, hparams, arch, context, editor, mom2, templates, timer)
+        layer_info, top_from = self.spread(w, requests, z, hparams.spread_rounds)
         retried: list[list[int]] = []
         for _ in range(hparams.retry_rounds):
-            failed, got = self.retry(model, tok, requests, hparams, arch, context, editor, mom2, templates, old_first, timer)
+            failed = self.retry(w, requests, old_first, among=retried[-1] if retried else None)
             if not failed:
                 break
             retried.append(failed)
-            top_from = got
+            top_from = None  # the retries' passes covered the failures only
         self.finish(context)
         with timer("probe"):
             (after, _) = probe(model, tok, requests, old=False)
@@ -195,88 +216,91 @@ class MEMIT(EditMethod):
 
     def spread(
         self,
-        model: nn.Module,
-        tok: Any,
+        w: Write,
         requests: list[EditRequest],
         z: torch.Tensor,
-        hparams: MEMITHParams,
-        arch: ModelArch,
-        context: EditContext,
-        editor: WeightEditor,
-        mom2: dict[int, torch.Tensor],
-        templates: list[str],
-        timer: PhaseTimer,
+        rounds: int,
+        pinned: dict[int, torch.Tensor] | None = None,
     ) -> tuple[list[dict[str, Any]], BlockInputs | None]:
-        """Write the target hidden states ``z`` ``(n, hidden)`` into the range, bottom-up (step 2
-        of the module docstring), through ``editor``, ``hparams.spread_rounds`` times (each round
-        spreads what the rounds before left of z − h_top). Returns per-layer information and the
-        recorded inputs of the top layer's bare-prompt pass (valid after the last update)."""
-        layers, top = list(hparams.layers), hparams.layers[-1]
+        """Write the target hidden states ``z`` ``(n, hidden)`` of ``requests`` into the range,
+        bottom-up (step 2 of the module docstring), ``rounds`` times (each round spreads what
+        the rounds before left of z − h_top). Returns per-layer information and the recorded
+        inputs of the top layer's bare-prompt pass (valid after the last update).
+
+        ``pinned`` (layer → keys ``(m, in)``): keys of other requests that every layer's update
+        must leave where they are (residual 0), written together with ``requests``. ``w.keys`` is
+        set to each layer's keys of ``requests`` as the last round read them."""
+        hp, arch = w.hparams, w.arch
+        layers, top = list(hp.layers), hp.layers[-1]
         layer_info: list[dict[str, Any]] = []
         # Each layer's keys and the top block's output are recomputed on the model as edited so
         # far, but the blocks below the layer edited last did not change: each pass starts from
         # the inputs of that layer, recorded by the pass before. The inputs of the bottom layer
         # never change, so later rounds start from those the first round recorded.
-        rows = hparams.key_batch_rows
+        rows = hp.key_batch_rows
         bottom: tuple[BlockInputs | None, BlockInputs | None] = (None, None)
         top_from: BlockInputs | None = None
-        for _ in range(hparams.spread_rounds):
+        for _ in range(rounds):
             key_from, top_from = bottom
             for i, layer in enumerate(layers):
-                with timer("key"):
+                with w.timer("key"):
                     keys, _, key_from = keys_and_hidden(
-                        model, tok, requests, arch, layer, None, templates, rows, resume=key_from, record=layer
+                        w.model, w.tok, requests, arch, layer, None, w.templates, rows, resume=key_from, record=layer
                     )
                     _, h_top, top_from = keys_and_hidden(
-                        model, tok, requests, arch, None, top, ["{}"], rows, resume=top_from, record=layer
+                        w.model, w.tok, requests, arch, None, top, ["{}"], rows, resume=top_from, record=layer
                     )
                 assert keys is not None and h_top is not None
-                if i == 0 and hparams.spread_rounds > 1:
+                if i == 0 and rounds > 1:
                     bottom = (key_from, top_from)
                 resid = (z - h_top) / (len(layers) - i)  # (n, hidden): spread over the layers left
-                with timer("update"):
-                    delta = self.layer_update(layer, keys, resid, mom2[layer], hparams, arch)
-                    editor.apply({arch.mlp_out_weight_name(layer): delta})
-                self.record_keys(layer, keys, context)
+                w.keys[layer] = keys
+                if pinned is not None:
+                    keys = torch.cat([keys, pinned[layer].to(keys)])
+                    resid = torch.cat([resid, resid.new_zeros(len(pinned[layer]), resid.shape[1])])
+                with w.timer("update"):
+                    delta = self.layer_update(layer, keys, resid, w.mom2[layer], hp, arch)
+                    w.editor.apply({arch.mlp_out_weight_name(layer): delta})
+                self.record_keys(layer, keys, w.context)
                 layer_info.append({"layer": layer, "resid_norm": float(resid.norm(dim=1).mean())})
         return layer_info, top_from
 
     def retry(
-        self,
-        model: nn.Module,
-        tok: Any,
-        requests: list[EditRequest],
-        hparams: MEMITHParams,
-        arch: ModelArch,
-        context: EditContext,
-        editor: WeightEditor,
-        mom2: dict[int, torch.Tensor],
-        templates: list[str],
-        old_first: list[int | None],
-        timer: PhaseTimer,
-    ) -> tuple[list[int], BlockInputs | None]:
-        """One retry round (see ``retry_rounds``): the indices of the requests that did not hold
-        on the model as edited so far, and, when there were any, the recorded top-layer inputs
-        of the round's write. With no failures the model is unchanged when this returns."""
-        with timer("probe"):
-            failed = [j for j, ok in enumerate(holds(model, tok, requests)) if not ok]
+        self, w: Write, requests: list[EditRequest], old_first: list[int | None], among: list[int] | None = None
+    ) -> list[int]:
+        """One retry round (see ``retry_rounds``) after :meth:`spread` wrote ``requests``: returns
+        the indices of the requests that did not hold on the model as edited so far, checking
+        only those in ``among`` when given (a later round checks the requests the round before
+        retried: the others were pinned, and checking a thousand requests again costs as
+        much as optimising sixty values). With none the model is unchanged when this returns.
+
+        The failures get a new δ and are written in one spreading round; every other request is
+        pinned by its keys from ``w.keys``. Those are exact for the first retry (a layer's keys
+        depend neither on its own update nor on the layers above, so the last round's keys are
+        the current ones); after the retry's own updates of the layers below they are stale by
+        what a few requests' write moved them, which saves re-reading a thousand requests'
+        keys at every layer. The failures' keys in ``w.keys`` are brought up to date."""
+        with w.timer("probe"):
+            check = list(range(len(requests))) if among is None else among
+            failed = [j for j, ok in zip(check, holds(w.model, w.tok, [requests[j] for j in check]), strict=True) if not ok]
         if not failed:
-            return [], None
-        with timer("value"):
+            return []
+        sub = [requests[j] for j in failed]
+        with w.timer("value"):
             # δ again, for the failures only, on the edited model: it sees the cross-talk of
             # the batch that kept them from holding.
             _, z_failed = compute_targets(
-                model, tok, [requests[j] for j in failed], hparams, arch, templates,
-                [old_first[j] for j in failed], context.progress,
-            )  # fmt: skip
-        with timer("key"):
-            # Every other request is pinned: its target is where it is now.
-            _, z, _ = keys_and_hidden(model, tok, requests, arch, None, hparams.layers[-1], ["{}"], hparams.key_batch_rows)
-        assert z is not None
-        z[torch.tensor(failed, device=z.device)] = z_failed.to(z.device)
-        one = hparams.replace(spread_rounds=1)
-        _, top_from = self.spread(model, tok, requests, z, one, arch, context, editor, mom2, templates, timer)
-        return failed, top_from
+                w.model, w.tok, sub, w.hparams, w.arch, w.templates, [old_first[j] for j in failed], w.context.progress
+            )
+        keep = torch.ones(len(requests), dtype=torch.bool)
+        keep[failed] = False
+        everyone = w.keys
+        w.keys = {}
+        self.spread(w, sub, z_failed, 1, pinned={layer: k[keep.to(k.device)] for layer, k in everyone.items()})
+        for layer, k in everyone.items():
+            k[torch.tensor(failed, device=k.device)] = w.keys[layer].to(k)
+        w.keys = everyone
+        return failed
 
     # ---- what AlphaEdit overrides ---------------------------------------------------------
     def prepare(self, model: nn.Module, tok: Any, hp: MEMITHParams, arch: ModelArch,
