@@ -223,6 +223,7 @@ def test_a_second_spreading_round_writes_more_of_the_residual(model, tok, unchan
     for one, two in zip(errors[1], errors[2], strict=True):
         assert two < one
 
+
 def test_a_retry_round_raises_the_requests_that_did_not_hold_and_pins_the_others(model, tok, unchanged_after):
     # A strong penalty leaves some requests short of their new target after one write.
     hp = {**SMALL, "mom2_update_weight": 20000.0}
