@@ -207,7 +207,7 @@ def main() -> None:
             method.prepare(model, tok, shp, arch, ctx, mom2)
             for r in range(1, upto[-1] + 1):
                 t1 = time.perf_counter()
-                method.spread(w, requests, z, 1)
+                w.keys = method.spread(w, requests, z, 1).keys
                 t_write += time.perf_counter() - t1
                 if r in measured_rounds:
                     shown = {**setting, "spread_rounds": r} if args.rounds else setting

@@ -116,11 +116,24 @@ class MEMITHParams(HParams):
 
 
 @dataclass
+class Spread:
+    """What :meth:`MEMIT.spread` returns: per-layer information (the mean residual norm each
+    update wrote), the recorded inputs of the top layer's bare-prompt pass (valid after the
+    last update; a later pass over the same requests resumes from them) and, per layer, the
+    keys of the written requests as the last round read them."""
+
+    layer_info: list[dict[str, Any]]
+    top_from: BlockInputs | None
+    keys: dict[int, torch.Tensor]
+
+
+@dataclass
 class Write:
     """What the writes of one MEMIT call share: the model and its tokenizer, the call's
     hyperparameters, architecture, context, editor (every update goes through it), E[kkᵀ] per
     layer, the context templates and the phase timer. ``keys``: per layer, the keys of every
-    request of the call as the last full write read them (for the retries' pinning)."""
+    request of the call as the last full write read them (set from :meth:`MEMIT.spread`'s
+    result; the retries pin by them and bring the rows they rewrite up to date)."""
 
     model: nn.Module
     tok: Any
@@ -183,7 +196,8 @@ class MEMIT(EditMethod):
             values, z = compute_targets(model, tok, requests, hparams, arch, templates, old_first, context.progress)
         layers, top = list(hparams.layers), hparams.layers[-1]
         w = Write(model, tok, hparams, arch, context, editor, mom2, templates, timer)
-        layer_info, top_from = self.spread(w, requests, z, hparams.spread_rounds)
+        written = self.spread(w, requests, z, hparams.spread_rounds)
+        w.keys, layer_info, top_from = written.keys, written.layer_info, written.top_from
         retried: list[list[int]] = []
         for _ in range(hparams.retry_rounds):
             failed = self.retry(w, requests, old_first, among=retried[-1] if retried else None)
@@ -221,15 +235,13 @@ class MEMIT(EditMethod):
         z: torch.Tensor,
         rounds: int,
         pinned: dict[int, torch.Tensor] | None = None,
-    ) -> tuple[list[dict[str, Any]], BlockInputs | None]:
+    ) -> Spread:
         """Write the target hidden states ``z`` ``(n, hidden)`` of ``requests`` into the range,
         bottom-up (step 2 of the module docstring), ``rounds`` times (each round spreads what
-        the rounds before left of z − h_top). Returns per-layer information and the recorded
-        inputs of the top layer's bare-prompt pass (valid after the last update).
+        the rounds before left of z − h_top).
 
         ``pinned`` (layer → keys ``(m, in)``): keys of other requests that every layer's update
-        must leave where they are (residual 0), written together with ``requests``. ``w.keys`` is
-        set to each layer's keys of ``requests`` as the last round read them."""
+        must leave where they are (residual 0), written together with ``requests``."""
         hp, arch = w.hparams, w.arch
         layers, top = list(hp.layers), hp.layers[-1]
         layer_info: list[dict[str, Any]] = []
@@ -240,6 +252,7 @@ class MEMIT(EditMethod):
         rows = hp.key_batch_rows
         bottom: tuple[BlockInputs | None, BlockInputs | None] = (None, None)
         top_from: BlockInputs | None = None
+        read: dict[int, torch.Tensor] = {}
         for _ in range(rounds):
             key_from, top_from = bottom
             for i, layer in enumerate(layers):
@@ -254,7 +267,7 @@ class MEMIT(EditMethod):
                 if i == 0 and rounds > 1:
                     bottom = (key_from, top_from)
                 resid = (z - h_top) / (len(layers) - i)  # (n, hidden): spread over the layers left
-                w.keys[layer] = keys
+                read[layer] = keys
                 if pinned is not None:
                     keys = torch.cat([keys, pinned[layer].to(keys)])
                     resid = torch.cat([resid, resid.new_zeros(len(pinned[layer]), resid.shape[1])])
@@ -263,7 +276,7 @@ class MEMIT(EditMethod):
                     w.editor.apply({arch.mlp_out_weight_name(layer): delta})
                 self.record_keys(layer, keys, w.context)
                 layer_info.append({"layer": layer, "resid_norm": float(resid.norm(dim=1).mean())})
-        return layer_info, top_from
+        return Spread(layer_info, top_from, read)
 
     def retry(
         self, w: Write, requests: list[EditRequest], old_first: list[int | None], among: list[int] | None = None
@@ -294,12 +307,10 @@ class MEMIT(EditMethod):
             )
         keep = torch.ones(len(requests), dtype=torch.bool)
         keep[failed] = False
-        everyone = w.keys
-        w.keys = {}
-        self.spread(w, sub, z_failed, 1, pinned={layer: k[keep.to(k.device)] for layer, k in everyone.items()})
-        for layer, k in everyone.items():
-            k[torch.tensor(failed, device=k.device)] = w.keys[layer].to(k)
-        w.keys = everyone
+        pinned = {layer: k[keep.to(k.device)] for layer, k in w.keys.items()}
+        fresh = self.spread(w, sub, z_failed, 1, pinned=pinned).keys
+        for layer, k in w.keys.items():
+            k[torch.tensor(failed, device=k.device)] = fresh[layer].to(k)
         return failed
 
     # ---- what AlphaEdit overrides ---------------------------------------------------------
