@@ -115,6 +115,39 @@ def test_rome_edit_restore_and_saved_edit_on_offloaded_layer(pair, tok, tmp_path
     assert torch.equal(parameter_value(mapped, name), before)
 
 
+def test_memit_on_offloaded_layers_matches_the_plain_model(tok, tmp_path):
+    # MEMIT carries block inputs past each update by the weight change as applied: for an
+    # offloaded layer that change must be read from accelerate's store, not the meta tensor.
+    # Four blocks: the carried layer (1) is offloaded, and the top one (2) is not the last (a
+    # shift at the subject in the last block cannot reach the later tokens the target follows).
+    import transformers as T
+
+    from conftest import tiny_configs
+
+    config = tiny_configs()["llama"]
+    config.num_hidden_layers = 4
+    torch.manual_seed(3)
+    T.AutoModelForCausalLM.from_config(config).eval().save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    device_map = {**DEVICE_MAP, "model.layers.3": "cpu"}
+    mapped, _ = load_model(tmp_path / "m", device_map=device_map, offload_folder=tmp_path / "offload")
+    plain, _ = load_model(tmp_path / "m")
+    arch = describe(mapped)
+    names = [arch.mlp_out_weight_name(i) for i in (1, 2)]
+    assert all(get_parameter(mapped, n).device.type == "meta" for n in names)
+    before = {n: parameter_value(mapped, n).clone() for n in names}
+    hp = {"layers": [1, 2], "context_templates": [[3, 1]], "v_num_grad_steps": 3, "mom2_tokens": 300}
+    ctx = EditContext(cache_dir=tmp_path, progress=False, stats_corpus=Corpus.from_texts(TEXTS, name="tiny"))
+    ref = edit(plain, tok, REQUEST, method="memit", hparams=hp, context=ctx)
+    ref_logits = _logits(plain, tok)
+    ref.restore()
+    result = edit(mapped, tok, REQUEST, method="memit", hparams=hp, context=ctx)
+    assert all(not torch.equal(parameter_value(mapped, n), before[n]) for n in names)
+    torch.testing.assert_close(_logits(mapped, tok), ref_logits, rtol=1e-4, atol=1e-5)
+    result.restore()
+    assert all(torch.equal(parameter_value(mapped, n), before[n]) for n in names)
+
+
 def test_fine_tuning_an_offloaded_layer_is_a_clear_error(pair, tok):
     _, mapped = pair
     name = describe(mapped).mlp_out_weight_name(1)

@@ -13,7 +13,7 @@ from factedit import EditSession, apply_edits, edit
 from factedit.arch import describe
 from factedit.methods.alphaedit import alphaedit_delta, nullspace_projector
 from factedit.methods.emmet import emmet_delta
-from factedit.methods.memit import holds, keys_and_hidden, memit_delta
+from factedit.methods.memit import holds, keys_and_hidden, memit_delta, update_adds_to_residual
 from factedit.requests import EditRequest, InvalidRequestError, load_requests, parse_requests_text
 from factedit.scoring import target_token_scores
 from factedit.values import ValueConfig, optimize_values
@@ -154,6 +154,71 @@ def test_key_passes_resumed_above_an_edited_layer_match_full_passes(model, tok, 
     assert torch.allclose(full_h, resumed_h, atol=1e-5, rtol=1e-4)
     before_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8)
     assert not torch.allclose(before_k, full_k, atol=1e-3)  # the update did reach layer 5's keys
+
+
+def test_block_inputs_carried_past_an_update_match_passes_on_the_edited_model(model, tok, unchanged_after):
+    # Recording the input of block 5 with layer 4's projection inputs, then adding layer 4's
+    # weight change to them, gives the keys and top outputs a pass on the edited model gives.
+    arch = describe(model)
+    reqs = [EditRequest.from_any(r) for r in REQUESTS]
+    templates = ["{}", "The river. {}", "Today, {}"]
+    _, _, inputs = keys_and_hidden(model, tok, reqs, arch, 4, None, templates, 8, record=5, carry=True)
+    _, _, top_inputs = keys_and_hidden(model, tok, reqs, arch, None, 6, ["{}"], 8, record=5, carry=True)
+    assert inputs is not None and inputs.block == 5 and inputs.acts is not None
+    assert inputs.acts[0].shape[-1] == arch.mlp_size
+    weight = model.get_parameter(arch.mlp_out_weight_name(4))
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(0.05 * torch.randn_like(weight))
+    try:
+        change = (weight - original).detach()
+        change = change.T if arch.mlp_out_transposed else change  # as (out, in)
+        full_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8)
+        carried_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8, resume=inputs.carried(change))
+        _, full_h, _ = keys_and_hidden(model, tok, reqs, arch, None, 6, ["{}"], 8)
+        _, carried_h, _ = keys_and_hidden(model, tok, reqs, arch, None, 6, ["{}"], 8, resume=top_inputs.carried(change))
+        stale_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8, resume=inputs)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    assert torch.allclose(full_k, carried_k, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(full_h, carried_h, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(stale_k, full_k, atol=1e-3)  # without the change the keys are wrong
+    with pytest.raises(ValueError, match="carry=False"):
+        keys_and_hidden(model, tok, reqs, arch, 4, None, templates, 8, record=5)[2].carried(change)
+
+
+@pytest.mark.parametrize("arch_name", ["gemma3", "gpt2", "gpt_neox", "llama"])
+def test_the_carry_probe_tells_residual_mlp_outputs_from_normed_ones(tok, arch_name):
+    # Gemma's blocks norm the MLP output before adding it (a carried input would be wrong
+    # there); the others add it as it is (GPT-NeoX in parallel with attention).
+    from conftest import make_tiny_model
+
+    tiny = make_tiny_model(arch_name)
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    arch = describe(tiny)
+    assert [update_adds_to_residual(tiny, tok, arch, i) for i in range(arch.n_layers)] == [arch_name != "gemma3"] * 3
+    assert_weights_equal(tiny, before)
+
+
+def test_memit_writes_the_same_weights_with_and_without_carried_block_inputs(model, tok, unchanged_after):
+    # Two spreading rounds and a retry exercise every path: the recorded bottom, carried key
+    # and top passes, the pinned retry.
+    hp = {**SMALL, "layers": [3, 4, 5], "spread_rounds": 2, "retry_rounds": 1, "mom2_update_weight": 20000.0}
+    written = {}
+    for carry in (False, True):
+        result = edit(model, tok, REQUESTS[:3], method="memit", hparams={**hp, "carry_block_inputs": carry})
+        try:
+            written[carry] = {n: model.get_parameter(n).detach().clone() for n in result.original}
+            retried = [d["retried"] for d in result.diagnostics]
+        finally:
+            result.restore()
+    assert sorted(written[True]) == sorted(written[False])
+    for n, w in written[True].items():
+        change = (w - model.get_parameter(n)).norm()
+        assert change > 0
+        assert (w - written[False][n]).norm() < 1e-4 * change, n
+    assert sum(retried) >= 1  # the retry path ran
 
 
 def test_emmet_delta_meets_its_constraints_and_is_memit_on_one_layer():
