@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -89,12 +90,16 @@ def tiny_configs() -> dict:
 TINY_ARCHS = sorted(tiny_configs())
 
 
-def make_tiny_model(name: str, seed: int = 0):
-    """A tiny randomly initialised model of architecture family ``name`` (eval mode)."""
+def make_tiny_model(name: str, seed: int = 0, **config: Any):
+    """A tiny randomly initialised model of architecture family ``name`` (eval mode);
+    ``config``: attributes of its config to override (e.g. ``num_hidden_layers``)."""
     import transformers as T
 
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(tiny_configs()[name])
+    cfg = tiny_configs()[name]
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    model = T.AutoModelForCausalLM.from_config(cfg)
     return model.eval()
 
 

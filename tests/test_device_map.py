@@ -120,14 +120,7 @@ def test_memit_on_offloaded_layers_matches_the_plain_model(tok, tmp_path):
     # offloaded layer that change must be read from accelerate's store, not the meta tensor.
     # Four blocks: the carried layer (1) is offloaded, and the top one (2) is not the last (a
     # shift at the subject in the last block cannot reach the later tokens the target follows).
-    import transformers as T
-
-    from conftest import tiny_configs
-
-    config = tiny_configs()["llama"]
-    config.num_hidden_layers = 4
-    torch.manual_seed(3)
-    T.AutoModelForCausalLM.from_config(config).eval().save_pretrained(tmp_path / "m")
+    make_tiny_model("llama", seed=3, num_hidden_layers=4).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     device_map = {**DEVICE_MAP, "model.layers.3": "cpu"}
     mapped, _ = load_model(tmp_path / "m", device_map=device_map, offload_folder=tmp_path / "offload")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hooks import get_module
+from .hooks import get_module, parameter_value
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -141,8 +141,9 @@ class ModelArch:
         return out
 
     def mlp_out_weight_as_out_in(self, model: nn.Module, i: int) -> torch.Tensor:
-        """The edited projection's weight as an ``(out, in)`` view, whatever its storage."""
-        w = get_module(model, self.mlp_out_name(i)).weight
+        """The edited projection's weight as an ``(out, in)`` view, whatever its storage (for a
+        weight accelerate offloaded, a view of the value its store holds, not the placeholder)."""
+        w = parameter_value(model, self.mlp_out_weight_name(i))
         return w.T if self.mlp_out_transposed else w
 
     def to_dict(self) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..arch import ModelArch
 from ..fingerprint import base_model_fingerprint
-from ..hooks import TraceDict, as_batch_seq, first_tensor, parameter_value, with_first_tensor
+from ..hooks import TraceDict, as_batch_seq, first_tensor, with_first_tensor
 from ..hparams import HParams
 from ..models import model_device
 from ..requests import EditRequest, check_conflicts
@@ -308,17 +308,16 @@ class MEMIT(EditMethod):
                 if pinned is not None:
                     keys = torch.cat([keys, pinned[layer].to(keys)])
                     resid = torch.cat([resid, resid.new_zeros(len(pinned[layer]), resid.shape[1])])
-                name = arch.mlp_out_weight_name(layer)
+                if carry:
+                    before = arch.mlp_out_weight_as_out_in(w.model, layer).detach().float().clone()
                 with w.timer("update"):
                     delta = self.layer_update(layer, keys, resid, w.mom2[layer], hp, arch)
-                    before = parameter_value(w.model, name).detach().float().clone() if carry else None
-                    w.editor.apply({name: delta})
-                if before is not None and key_from is not None and top_from is not None:
+                    w.editor.apply({arch.mlp_out_weight_name(layer): delta})
+                if carry:
+                    assert key_from is not None and top_from is not None
                     with w.timer("key"):
-                        # The change as applied (in the weight's dtype, read where an offloaded
-                        # weight really lives), not as computed.
-                        change = parameter_value(w.model, name).detach().float() - before
-                        change = change.T if arch.mlp_out_transposed else change
+                        # The change as applied (in the weight's dtype), not as computed.
+                        change = arch.mlp_out_weight_as_out_in(w.model, layer).detach().float() - before
                         key_from, top_from = key_from.carried(change), top_from.carried(change)
                 self.record_keys(layer, keys, w.context)
                 layer_info.append({"layer": layer, "resid_norm": float(resid.norm(dim=1).mean())})
@@ -559,7 +558,7 @@ def keys_and_hidden(
         names.append(record_name)
     if carry and not record:
         raise ValueError("carry needs the recording of a block above block 0")
-    carry_name = arch.mlp_out_name(record - 1) if carry and record else None
+    carry_name = arch.mlp_out_name(record - 1) if carry and record is not None else None
     if carry_name is not None and carry_name not in names:
         names.append(carry_name)
     recorded = BlockInputs(record, acts=[] if carry else None) if record is not None else None
@@ -632,7 +631,7 @@ def update_adds_to_residual(model: nn.Module, tok: Any, arch: ModelArch, layer: 
     gen = torch.Generator().manual_seed(0)
     shift = (torch.randn(projected.shape, generator=gen) * float(projected.std())).to(projected.device)
     _, shifted = block_output(shift)
-    expected = shift.to(torch.float32).view(plain.shape)
+    expected = shift.view(plain.shape)
     scale = float(plain.abs().max()) + float(expected.abs().max())
     return bool(torch.allclose(shifted - plain, expected, rtol=0.0, atol=1e-3 * scale))
 
