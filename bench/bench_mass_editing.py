@@ -43,7 +43,9 @@ def data_path(name: str) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", default="memit")
+    ap.add_argument("--method", default="memit",
+                    help="a method, or several separated by commas: evaluated one after another in this "
+                         "process on the same records (the pre-edit half measured once), then a table side by side")
     ap.add_argument("--n", type=int, default=100, help="records edited")
     ap.add_argument("--offset", type=int, default=0, help="skip this many records first")
     ap.add_argument("--batch-size", type=int, default=None, help="default: all N in one batch")
@@ -57,6 +59,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="results JSONL (default: a temporary file)")
     ap.add_argument("--json", default=None, help="write the summary here")
+    ap.add_argument("--no-pre-cache", action="store_true",
+                    help="measure before the edits again instead of reading factedit's pre-edit cache")
     ap.add_argument("--edit-only", action="store_true",
                     help="time the edit of all N in one call (no measuring): seconds per phase, per fact, peak RSS")
     args = ap.parse_args()
@@ -65,53 +69,95 @@ def main() -> None:
         return time_edit(args)
 
     from factedit import load_model
-    from factedit.evaluate import load_dataset, make_config, run_evaluation
-    from factedit.evaluate.batch import run_batch_evaluation
+    from factedit.evaluate import load_dataset
 
     path = Path(args.data) if Path(args.data).is_file() else data_path(args.data)
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
     hparams = json.loads(args.hparams) if args.hparams else None
+    per_method = isinstance(hparams, dict) and len(methods) > 1 and set(hparams) <= set(methods)
     t_all = time.perf_counter()
     model, tok = load_model()
     cases = load_dataset(path, limit=args.offset + args.n)[args.offset :]
+    summaries = {}
+    for i, method in enumerate(methods):
+        hp = (hparams or {}).get(method) if per_method else hparams
+        out = Path(args.out).with_suffix(f".{method}.jsonl") if args.out and len(methods) > 1 else args.out
+        summaries[method] = evaluate(args, model, tok, cases, path, method, hp, out, t_all if i == 0 else None)
+    if len(summaries) > 1:
+        print(side_by_side(summaries))
+        print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
+
+
+def evaluate(args: argparse.Namespace, model, tok, cases, path: Path, method: str, hparams, out,
+             t_all: float | None):  # fmt: skip
+    """One method's run on ``cases`` (the model is unedited again when it returns); prints its
+    table and figures and returns its summary."""
+    from factedit.evaluate import make_config, run_evaluation
+    from factedit.evaluate.batch import run_batch_evaluation
+
+    t_start = time.perf_counter() if t_all is None else t_all
     batch = args.batch_size or len(cases)
     generation = args.gen_sample > 0
-    cfg = make_config(model, method=args.method, hparams=hparams, model_name="smollm2-135m", dataset=path,
+    cfg = make_config(model, method=method, hparams=hparams, model_name="smollm2-135m", dataset=path,
                       kind="counterfact", sequential=args.sequential,
-                      checkpoint_every=args.checkpoint_every if args.method == "rome" else None,
-                      checkpoint_gen=args.checkpoint_gen if args.method == "rome" else 0,
+                      checkpoint_every=args.checkpoint_every if method == "rome" else None,
+                      checkpoint_gen=args.checkpoint_gen if method == "rome" else 0,
                       # ROME one by one: per-case generations would cost more than the edits;
                       # its fluency curve comes from the checkpoints.
-                      generation=generation and args.method != "rome")  # fmt: skip
+                      generation=generation and method != "rome")  # fmt: skip
     tmp = tempfile.TemporaryDirectory()
-    out = Path(args.out) if args.out else Path(tmp.name) / "results.jsonl"
+    out = Path(out) if out else Path(tmp.name) / "results.jsonl"
+    pre_cache = not args.no_pre_cache
     t0 = time.perf_counter()
-    if args.method.lower() == "rome" or batch == 1:
-        summary = run_evaluation(model, tok, cases, cfg, out, hparams=hparams, overwrite=True)
+    if method.lower() == "rome" or batch == 1:
+        summary = run_evaluation(model, tok, cases, cfg, out, hparams=hparams, overwrite=True, pre_cache=pre_cache)
     else:
         summary = run_batch_evaluation(model, tok, cases, cfg, out, batch_size=batch, hparams=hparams,
-                                       gen_sample=args.gen_sample, overwrite=True)  # fmt: skip
+                                       gen_sample=args.gen_sample, overwrite=True, pre_cache=pre_cache)  # fmt: skip
     seconds = time.perf_counter() - t0
-    total = time.perf_counter() - t_all
+    total = time.perf_counter() - t_start
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     edit_s = sum(v.mean * v.n for k, v in summary.seconds.items() if k == "edit")
     print(summary.to_markdown())
     print()
-    report(args, f"{args.method}: {len(cases)} edits of {path.name}[{args.offset}:{args.offset + len(cases)}] in "
+    report(args, f"{method}: {len(cases)} edits of {path.name}[{args.offset}:{args.offset + len(cases)}] in "
                  f"batches of {batch}{', sequential' if args.sequential else ''}",
            f"editing {edit_s:.0f} s ({edit_s / len(cases):.2f} s per fact); evaluation run {seconds:.0f} s; "
-           f"all-in {total:.0f} s incl. model load; peak RSS {peak_gb:.2f} GB",
+           f"{'all-in' if t_all is not None else 'since the last method'} {total:.0f} s"
+           f"{' incl. model load' if t_all is not None else ''}; peak RSS {peak_gb:.2f} GB (the process so far)",
            {**summary.to_dict(), "edit_seconds": edit_s, "run_seconds": seconds, "all_in_seconds": total,
-            "peak_rss_gb": peak_gb})  # fmt: skip
+            "peak_rss_gb": peak_gb}, suffix=method if "," in args.method else None)  # fmt: skip
+    return summary
 
 
-def report(args: argparse.Namespace, what: str, figures: str, record: dict) -> None:
+def side_by_side(summaries: dict) -> str:
+    """One Markdown table: each metric before the edits (the same unedited model for every
+    method) and after each method."""
+    first = next(iter(summaries.values()))
+    names = []
+    for s in summaries.values():
+        names += [m for m in s.metric_names() if m not in names]
+    head = "| metric | pre | " + " | ".join(summaries) + " |"
+    lines = ["Same process, same records, same unedited model:", "", head,
+             "| --- | ---: | " + " | ".join("---:" for _ in summaries) + " |"]  # fmt: skip
+    for m in names:
+        scale, digits = (1.0, 2) if m in ("GE", "RS") else (100.0, 1)
+        pre = first.pre.get(m)
+        posts = [s.post.get(m) for s in summaries.values()]
+        lines.append(f"| {m} | {pre.format(scale, digits) if pre else '-'} | "
+                     + " | ".join(p.format(scale, digits) if p else "-" for p in posts) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace, what: str, figures: str, record: dict, suffix: str | None = None) -> None:
     """Print what ran (with the thread count), its figures and the command; write ``record``
-    (plus the command) to ``--json``."""
+    (plus the command) to ``--json`` (``FILE.<suffix>.json`` when given, one per method)."""
     print(f"{what}; torch threads {torch.get_num_threads()}")
     print(figures)
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     if args.json:
-        Path(args.json).write_text(json.dumps({**record, "command": sys.argv}, indent=1, default=str))
+        target = Path(args.json).with_suffix(f".{suffix}.json") if suffix else Path(args.json)
+        target.write_text(json.dumps({**record, "command": sys.argv}, indent=1, default=str))
 
 
 def time_edit(args: argparse.Namespace) -> None:

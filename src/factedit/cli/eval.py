@@ -104,6 +104,13 @@ def register(subparsers) -> None:
         "join the shards' files with 'factedit merge'. Under torchrun the processes share "
         "the cases by themselves and write one merged --out",
     )
+    p.add_argument(
+        "--no-pre-cache",
+        action="store_true",
+        help="measure every case before its edit again instead of reading the cached pre-edit "
+        "measurement (cached under factedit's cache folder, keyed on the exact weights, data, "
+        "settings, threads and measuring code)",
+    )
     add_corpus_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
@@ -255,6 +262,7 @@ def _evaluate(
         summary = run_batch_evaluation(
             model, tok, cases, config, out, batch_size=args.batch_size, hparams=hparams,
             gen_sample=args.gen_sample, progress=not args.no_progress, overwrite=args.overwrite,
+            pre_cache=not args.no_pre_cache,
         )  # fmt: skip
         _write_outputs(summary, args)
         return 0
@@ -271,6 +279,8 @@ def _evaluate(
             hparams=hparams,
             progress=not args.no_progress,
             overwrite=args.overwrite,
+            # Processes under torchrun would append to one cache file at once.
+            **({} if distributed else {"pre_cache": not args.no_pre_cache}),
         )
     except ConfigMismatchError as exc:
         raise ValueError(exc.describe("--overwrite")) from None

@@ -28,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from .datasets import EvalCase
+from .precache import PreEditCache, measure_before
 from .runner import (
     ConfigMismatchError,
     EvalConfig,
@@ -67,9 +68,15 @@ def run_batch_evaluation(
     progress: bool = True,
     overwrite: bool = False,
     context: Any = None,
+    pre_cache: bool | str | Path = False,
 ) -> Summary:
     """Evaluate ``config.method`` on ``cases`` edited ``batch_size`` at a time (see the module
     docstring; ``config.sequential`` chooses the protocol). Returns the :class:`Summary`.
+
+    ``pre_cache``: True (or a folder) reads pre-edit measurements from a disk cache keyed on
+    everything they depend on and stores the missing ones there (see
+    :mod:`~factedit.evaluate.precache`; True: under factedit's cache folder). Not used with a
+    caller's own ``reference_scorer``, which the key cannot name.
 
     Guarantees: the model's weights are the same on return (or exception) as on entry; a results
     file with another configuration raises :class:`ConfigMismatchError` unless ``overwrite``.
@@ -103,6 +110,7 @@ def run_batch_evaluation(
             out, ["sequential: the file holds part of a sequential run, which cannot be resumed batch by batch"]
         )
     gen_ids = generation_sample(cases, gen_sample, config.seed) if config.generation else set()
+    cache = PreEditCache.from_option(pre_cache, model, config, own_scorer=reference_scorer is not None)
     if gen_ids and reference_scorer is None and config.kind == "counterfact":
         from .tfidf import load_reference_scorer
 
@@ -116,7 +124,11 @@ def run_batch_evaluation(
 
     def measure(case: EvalCase, pre: Any = None) -> Any:
         gen = _json_id(case.case_id) in gen_ids
-        m = measure_case(model, tok, case, config, pre=pre, generation=gen, reference_scorer=reference_scorer)
+
+        def now() -> Any:
+            return measure_case(model, tok, case, config, pre=pre, generation=gen, reference_scorer=reference_scorer)
+
+        m = now() if pre is not None else measure_before(cache, case.case_id, gen, now)
         bar.update(1)
         return m
 

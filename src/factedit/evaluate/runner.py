@@ -579,13 +579,17 @@ def run_evaluation(
     progress: bool = True,
     overwrite: bool = False,
     edit_kwargs: Mapping[str, Any] | None = None,
+    pre_cache: bool | str | Path = False,
 ) -> Summary:
     """Evaluate ``config.method`` on ``cases``, appending to the results file ``out``.
 
     ``hparams`` is what the edit function receives (``None``: the method's defaults; a dict:
     overrides); ``config.hparams`` records the resolved values. ``edit_fn(model, tok, request,
     method=..., hparams=...)`` defaults to :func:`factedit.methods.edit` and must return an
-    object with ``restore()`` and ``timings["total"]``.
+    object with ``restore()`` and ``timings["total"]``. ``pre_cache`` (True or a folder): read
+    pre-edit measurements from the disk cache of :mod:`~factedit.evaluate.precache` and store
+    the missing ones; one-at-a-time runs only (a sequential run measures each case after the
+    edits before it) and not with a caller's own ``reference_scorer``.
 
     Guarantees: finished cases already in ``out`` are not redone (a file with a different
     configuration raises :class:`ConfigMismatchError`, unless ``overwrite``); the model's
@@ -644,6 +648,11 @@ def run_evaluation(
 
         # One context for the whole run: statistics and templates are read once, not per case.
         ekw.setdefault("context", EditContext(progress=False, stats_corpus=config.stats_corpus))
+    from .precache import PreEditCache
+
+    # A sequential run measures case i after edits 1..i-1, not on the model the cache keys.
+    option = False if config.sequential else pre_cache
+    cache = PreEditCache.from_option(option, model, config, own_scorer=reference_scorer is not None)
     if config.generation and reference_scorer is None and config.kind == "counterfact":
         from .tfidf import load_reference_scorer
 
@@ -681,7 +690,7 @@ def run_evaluation(
                         )
         for case in todo:
             record = _run_case(
-                model, tok, case, config, edit_fn, hparams, ekw, reference_scorer, applied
+                model, tok, case, config, edit_fn, hparams, ekw, reference_scorer, applied, cache
             )
             _append(out, record)
             existing.cases.append(record)
@@ -715,11 +724,15 @@ def _run_case(
     ekw: dict[str, Any],
     reference_scorer: Any,
     applied: list[Any],
+    cache: Any = None,
 ) -> dict[str, Any]:
     from ..methods import EditError
 
     t0 = time.perf_counter()
-    pre = measure_case(model, tok, case, config, reference_scorer=reference_scorer)
+    from .precache import measure_before
+
+    pre = measure_before(cache, case.case_id, config.generation,
+                         lambda: measure_case(model, tok, case, config, reference_scorer=reference_scorer))  # fmt: skip
     try:
         result = edit_fn(model, tok, case.request, method=config.method, hparams=hparams, **ekw)
     except (EditError, InvalidRequestError) as exc:
@@ -740,7 +753,8 @@ def _run_case(
         "case": time.perf_counter() - t0,
     }
     if "generation" in post.seconds:
-        seconds["generation"] = pre.seconds["generation"] + post.seconds["generation"]
+        # A pre-edit measurement read from the cache cost this run nothing.
+        seconds["generation"] = pre.seconds.get("generation", 0.0) + post.seconds["generation"]
     record: dict[str, Any] = {
         "type": "case",
         "case_id": case.case_id,
