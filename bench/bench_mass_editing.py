@@ -8,13 +8,15 @@ peak resident memory, the thread count and the command to reproduce.
 
     python bench/bench_mass_editing.py --method memit --n 1000 --batch-size 1000
     python bench/bench_mass_editing.py --method memit --n 1000 --edit-only --threads 2   # the time bar
-    python bench/bench_mass_editing.py --method alphaedit --n 1000 --batch-size 100 --sequential
-    python bench/bench_mass_editing.py --method memit --n 1000 --batch-size 100 --sequential
+    python bench/bench_mass_editing.py --method alphaedit,memit --n 1000 --batch-size 100 --sequential
+        # both methods in one process on the same records, then a table side by side
     python bench/bench_mass_editing.py --method rome --n 300 --batch-size 1 --sequential \
         --checkpoint-every 50 [--hparams '{"original_key_bug": true}']   # ROME's collapse curve
 
 ``--offset`` skips records (tune on records >= 200 of the dev file, report on the first 200 or
-on the flat train file). ``--data`` takes the flat ``counterfact-train.json`` or ROME's
+on the flat train file). Pre-edit measurements are read from factedit's cache when an
+earlier run measured the same records on the same model and settings (``--no-pre-cache``
+measures again). ``--data`` takes the flat ``counterfact-train.json`` or ROME's
 ``counterfact_dev.json`` (default). The ROME collapse curve uses the sequential runner
 (:func:`factedit.evaluate.run_evaluation`) with checkpoints that re-measure all edits so far.
 """

@@ -124,6 +124,15 @@ def test_alphaedit_statistics_penalty_solves_its_normal_equations():
     same = alphaedit_delta(k, r, torch.eye(d_in, dtype=torch.float64), kp.T @ kp, 1e-12, _Arch(), mom2=c, mom2_weight=lam)
     same = same.materialize() if hasattr(same, "materialize") else same
     assert torch.allclose(same.double(), memit.double(), atol=1e-6)
+    # γ weighs the earlier keys: (K Kᵀ + γ K_p K_pᵀ + λ C) P + α I, and a larger γ moves the
+    # outputs of the earlier keys less.
+    gamma = 20.0
+    dg = alphaedit_delta(k, r, p, kp.T @ kp, alpha, _Arch(), mom2=c, mom2_weight=lam, preserved_weight=gamma)
+    dg = (dg.materialize() if hasattr(dg, "materialize") else dg).double()
+    lhs = dg @ ((kd.T @ kd + gamma * kp.T @ kp + lam * c) @ p + alpha * torch.eye(d_in, dtype=torch.float64))
+    # ΔW comes back in float32, and γ = 20 scales the left side up.
+    assert torch.allclose(lhs, r.double().T @ kd @ p, atol=1e-4)
+    assert (dg @ kp.T).norm() < 0.5 * (dw.double() @ kp.T).norm()
 
 
 # ---- MEMIT on the real model -------------------------------------------------------------------

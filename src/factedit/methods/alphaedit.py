@@ -3,7 +3,7 @@ Constrained Knowledge Editing for Language Models").
 
 AlphaEdit is MEMIT (same values, same spreading over a layer range) with another update:
 
-    ΔW = R Kᵀ P (K Kᵀ P + K_p K_pᵀ P + λ·E[kkᵀ] P + α·I)⁻¹
+    ΔW = R Kᵀ P (K Kᵀ P + γ·K_p K_pᵀ P + λ·E[kkᵀ] P + α·I)⁻¹
 
 where P projects onto the (approximate) null space of the preserved knowledge, the span of the
 eigenvectors of E[kkᵀ] whose eigenvalues are below ``nullspace_threshold``: ΔW = (…) P, so
@@ -50,11 +50,15 @@ class AlphaEditHParams(MEMITHParams):
             Llama-3-8B).
         mom2_update_weight: λ of MEMIT's penalty λ·E[kkᵀ], here inside P's range; 0 (the
             default) is the paper's update.
+        prior_keys_weight: γ, the weight of the earlier batches' keys in the normal equations
+            (γ K_p K_pᵀ; 1 is the paper's). Above 1 a new batch leaves the earlier edits'
+            outputs more firmly where they were, at the price of its own fit.
     """
 
     nullspace_threshold: float = 1e-2
     l2: float = 10.0
     mom2_update_weight: float = 0.0
+    prior_keys_weight: float = 1.0
 
 
 @dataclass
@@ -112,16 +116,18 @@ def alphaedit_delta(
     arch: ModelArch,
     mom2: torch.Tensor | None = None,
     mom2_weight: float = 0.0,
+    preserved_weight: float = 1.0,
 ) -> LowRankDelta | torch.Tensor:
-    """ΔW = R Kᵀ P (K Kᵀ P + K_p K_pᵀ P + λ C P + α I)⁻¹ for keys ``(n, in)`` and residuals
-    ``(n, out)`` (C = ``mom2``, λ = ``mom2_weight``; without them the paper's update), in
+    """ΔW = R Kᵀ P (K Kᵀ P + γ K_p K_pᵀ P + λ C P + α I)⁻¹ for keys ``(n, in)`` and residuals
+    ``(n, out)`` (C = ``mom2``, λ = ``mom2_weight``, γ = ``preserved_weight``; with λ = 0 and
+    γ = 1 the paper's update), in
     float64, in the weight's storage orientation. Its row space lies in P's range, so
     ΔW k = 0 for keys that P annihilates."""
     p = projector.to(torch.float64)
     k = keys.to(p.device, torch.float64)  # (n, in)
     g = k.T @ k
     if preserved_gram is not None:
-        g = g + preserved_gram.to(p.device, torch.float64)
+        g = g + preserved_weight * preserved_gram.to(p.device, torch.float64)
     if mom2 is not None and mom2_weight > 0:
         g = g + mom2_weight * mom2.to(p.device, torch.float64)
     # Transposed form of the update (P, C and the Gram matrices are symmetric):
@@ -140,6 +146,8 @@ class AlphaEdit(MEMIT):
         super().check(hparams, arch)
         if hparams.nullspace_threshold <= 0 or hparams.l2 <= 0:
             raise ValueError("nullspace_threshold and l2 must be positive")
+        if hparams.prior_keys_weight < 0:
+            raise ValueError(f"prior_keys_weight must be >= 0, got {hparams.prior_keys_weight}")
 
     def prepare(self, model: nn.Module, tok: Any, hp: AlphaEditHParams, arch: ModelArch,  # type: ignore[override]
                 context: EditContext, mom2: dict[int, torch.Tensor]) -> None:  # fmt: skip
@@ -158,7 +166,8 @@ class AlphaEdit(MEMIT):
     ) -> LowRankDelta | torch.Tensor:
         p = self._projectors[layer]
         gram = self._state.gram(layer, p.device)
-        return alphaedit_delta(keys, resid, p, gram, hp.l2, arch, mom2=mom2, mom2_weight=hp.mom2_update_weight)
+        return alphaedit_delta(keys, resid, p, gram, hp.l2, arch, mom2=mom2, mom2_weight=hp.mom2_update_weight,
+                               preserved_weight=hp.prior_keys_weight)  # fmt: skip
 
     def record_keys(self, layer: int, keys: torch.Tensor, context: EditContext) -> None:
         self._state.pending[layer] = keys.detach().float().cpu()

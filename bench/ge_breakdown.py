@@ -1,0 +1,75 @@
+"""Where fluency (GE) falls in a results file with generations: per case, before and after.
+
+Reads a results JSONL written by ``factedit eval`` or ``bench/bench_mass_editing.py --out``
+and the CounterFact file it was made from, and prints for the cases with generations: GE before
+and after, the mean word count of the generated texts, GE at matched length (each pair of
+texts cut to the shorter one's words, which separates shorter texts from repetition), how
+often the texts name the new and the true target, the median change and the share of cases
+whose GE fell, and GE's change where the texts name the new target often or not.
+
+    python bench/ge_breakdown.py RESULTS.jsonl ../shared/data/counterfact/counterfact-train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics as st
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", type=Path)
+    ap.add_argument("data", type=Path, help="the CounterFact file the results were made from")
+    args = ap.parse_args()
+
+    from factedit.evaluate import load_dataset
+    from factedit.evaluate.metrics import ngram_entropy, words
+
+    lines = [json.loads(x) for x in args.results.read_text().splitlines() if x.strip()]
+    recs = [r for r in lines if r.get("type") == "case" and r.get("generations")]
+    if not recs:
+        sys.exit(f"{args.results}: no case with generations")
+    cases = {c.case_id: c for c in load_dataset(args.data)}
+    rows = []
+    for r in recs:
+        req = cases[r["case_id"]].request
+        pre, post = r["generations"]["pre"], r["generations"]["post"]
+        new = req.target_text.strip().lower()
+        true = (req.true_text or "").strip().lower()
+        matched = []
+        for a, b in zip(pre, post, strict=True):
+            wa, wb = words(a), words(b)
+            n = min(len(wa), len(wb))
+            matched.append((ngram_entropy(" ".join(wa[:n])), ngram_entropy(" ".join(wb[:n]))))
+
+        def share(texts: list[str], s: str) -> float:
+            return sum(s in t.lower() for t in texts) / len(texts) if s else 0.0
+
+        rows.append({
+            "GE": (r["pre"]["GE"], r["post"]["GE"]),
+            "words": (st.mean(len(words(t)) for t in pre), st.mean(len(words(t)) for t in post)),
+            "GE, matched length": (st.mean(m[0] for m in matched), st.mean(m[1] for m in matched)),
+            "texts naming the new target": (share(pre, new), share(post, new)),
+            "texts naming the true target": (share(pre, true), share(post, true)),
+            "texts under 50 words": (st.mean(len(words(t)) < 50 for t in pre), st.mean(len(words(t)) < 50 for t in post)),
+        })  # fmt: skip
+    print(f"{args.results.name}: {len(rows)} cases with generations")
+    print("| per case (mean) | before | after |\n| --- | ---: | ---: |")
+    for k in rows[0]:
+        print(f"| {k} | {st.mean(x[k][0] for x in rows):.3f} | {st.mean(x[k][1] for x in rows):.3f} |")
+    d = [x["GE"][1] - x["GE"][0] for x in rows]
+    print(f"\nGE change per case: median {st.median(d):+.3f}; fell in {sum(v < 0 for v in d)} of {len(d)} cases")
+    often = [x for x in rows if x["texts naming the new target"][1] >= 0.5]
+    rare = [x for x in rows if x["texts naming the new target"][1] < 0.5]
+    for name, group in (("naming the new target in at least half the texts", often), ("the others", rare)):
+        if group:
+            print(f"{name}: {len(group)} cases, mean GE change {st.mean(x['GE'][1] - x['GE'][0] for x in group):+.3f}")
+    print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
+
+
+if __name__ == "__main__":
+    main()
