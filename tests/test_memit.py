@@ -177,11 +177,11 @@ def test_block_inputs_carried_past_an_update_match_passes_on_the_edited_model(mo
     assert inputs.acts[0].shape[-1] == arch.mlp_size
     weight = model.get_parameter(arch.mlp_out_weight_name(4))
     original = weight.detach().clone()
+    before = arch.mlp_out_weight_as_out_in(model, 4).detach().clone()
     with torch.no_grad():
         weight.add_(0.05 * torch.randn_like(weight))
     try:
-        change = (weight - original).detach()
-        change = change.T if arch.mlp_out_transposed else change  # as (out, in)
+        change = arch.mlp_out_weight_as_out_in(model, 4).detach() - before
         full_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8)
         carried_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8, resume=inputs.carried(change))
         _, full_h, _ = keys_and_hidden(model, tok, reqs, arch, None, 6, ["{}"], 8)

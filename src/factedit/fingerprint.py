@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .hooks import named_parameter_values
+
+
+def json_digest(obj: Any, length: int = 24) -> str:
+    """The first ``length`` hex characters of the sha256 of ``obj`` as canonical JSON (sorted
+    keys; a value JSON cannot hold enters as its ``str``): the cache keys built from settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def tensor_digest(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:

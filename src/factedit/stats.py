@@ -10,7 +10,6 @@ the corpus identity, the token budget, the sequence length and the model's dtype
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .arch import ModelArch, describe
 from .corpus import Corpus, as_corpus
-from .fingerprint import module_params_fingerprint
+from .fingerprint import json_digest, module_params_fingerprint
 from .hooks import Trace, as_batch_seq, get_module
 from .models import cache_dir as default_cache_dir
 from .models import max_positions, model_device, model_dtype, module_device
@@ -74,7 +73,7 @@ def stats_key(model: nn.Module, arch: ModelArch, layer: int, corpus: Corpus, tok
         "seq_len": seq_len,
         "model_dtype": str(model_dtype(model)),
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    return json_digest(parts)
 
 
 def packed_token_rows(tok: Any, corpus: Corpus, tokens: int, seq_len: int) -> torch.Tensor:

@@ -27,7 +27,6 @@ cells are filled with the corrupted probability instead of being computed.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from .arch import ModelArch, describe
+from .fingerprint import json_digest
 from .hooks import TraceDict, first_tensor, get_module, with_first_tensor
 from .models import model_device, module_device
 from .tokens import subject_token_range
@@ -637,7 +637,7 @@ def _fact_fields(fact: Mapping[str, Any], index: int) -> tuple[str, str, str]:
 
 
 def _settings_key(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(settings, 16)
 
 
 def _read_cache(path: Path, key: str) -> Iterator[dict[str, Any]]:

@@ -280,7 +280,7 @@ def _evaluate(
             progress=not args.no_progress,
             overwrite=args.overwrite,
             # Processes under torchrun would append to one cache file at once.
-            **({} if distributed else {"pre_cache": not args.no_pre_cache}),
+            pre_cache=not (args.no_pre_cache or distributed),
         )
     except ConfigMismatchError as exc:
         raise ValueError(exc.describe("--overwrite")) from None

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..fingerprint import json_digest
 from .metrics import PromptSetScores
 from .runner import EvalConfig, Measurement, _json_id, environment
 
@@ -102,8 +103,7 @@ class PreEditCache:
             "device": env["device"],
             "code": measuring_code_digest(),
         }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        return cls(Path(root) / f"{digest}.jsonl")
+        return cls(Path(root) / f"{json_digest(key)}.jsonl")
 
     @classmethod
     def from_option(

@@ -14,8 +14,6 @@ the same inputs resumes from the checkpoint (or returns the finished editor at o
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import random
@@ -29,6 +27,7 @@ import torch
 from torch import nn
 
 from ..arch import ModelArch, describe
+from ..fingerprint import json_digest
 from ..hooks import frozen_parameters
 from ..hparams import model_key
 from ..models import cache_dir as default_cache_dir
@@ -147,7 +146,7 @@ def build_examples(
 
 
 def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return json_digest(parts, 64)
 
 
 class _Trainer:

@@ -26,7 +26,6 @@ of the weights (``value_dtype``), with δ and the loss in float32.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from ..arch import ModelArch
-from ..fingerprint import base_model_fingerprint
+from ..fingerprint import base_model_fingerprint, json_digest
 from ..generation import generate
 from ..hooks import Trace, as_batch_seq
 from ..hparams import HParams
@@ -324,7 +323,7 @@ def context_templates(model: nn.Module, tok: Any, hparams: ROMEHParams, context:
     """
     spec = {"lengths": hparams.context_templates, "seed": hparams.template_seed, "version": 2}
     fp = base_model_fingerprint(model)
-    key = hashlib.sha256(json.dumps({**spec, "weights": fp, "vocab": len(tok)}, sort_keys=True).encode()).hexdigest()[:24]
+    key = json_digest({**spec, "weights": fp, "vocab": len(tok)})
     memo_key = f"templates/{key}"
     if memo_key in context.memo:
         return list(context.memo[memo_key])
