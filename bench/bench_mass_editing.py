@@ -122,6 +122,9 @@ def evaluate(args: argparse.Namespace, model, tok, cases, path: Path, method: st
     edit_s = sum(v.mean * v.n for k, v in summary.seconds.items() if k == "edit")
     print(summary.to_markdown())
     print()
+    if args.sequential and 1 < batch < len(cases):
+        print(per_batch(out, cases, batch))
+        print()
     report(args, f"{method}: {len(cases)} edits of {path.name}[{args.offset}:{args.offset + len(cases)}] in "
                  f"batches of {batch}{', sequential' if args.sequential else ''}",
            f"editing {edit_s:.0f} s ({edit_s / len(cases):.2f} s per fact); evaluation run {seconds:.0f} s; "
@@ -130,6 +133,21 @@ def evaluate(args: argparse.Namespace, model, tok, cases, path: Path, method: st
            {**summary.to_dict(), "edit_seconds": edit_s, "run_seconds": seconds, "all_in_seconds": total,
             "peak_rss_gb": peak_gb}, suffix=method if "," in args.method else None)  # fmt: skip
     return summary
+
+
+def per_batch(out: Path, cases: list, batch: int) -> str:
+    """A sequential run's rates per batch, all measured on the final model: how much of each
+    batch the batches after it left standing (Markdown)."""
+    from factedit.evaluate.runner import read_results, summarize
+
+    results = read_results(out)
+    metrics = ["ES", "PS", "NS", "EM"]
+    lines = ["Per batch, measured at the end (batch 1 was written first):", "",
+             "| batch | " + " | ".join(metrics) + " |", "| ---: | " + " | ".join("---:" for _ in metrics) + " |"]  # fmt: skip
+    for b, s in enumerate(range(0, len(cases), batch)):
+        post = summarize(results, [c.case_id for c in cases[s : s + batch]]).post
+        lines.append(f"| {b + 1} | " + " | ".join(post[m].format(100.0, 1) if m in post else "-" for m in metrics) + " |")
+    return "\n".join(lines)
 
 
 def side_by_side(summaries: dict) -> str:

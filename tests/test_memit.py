@@ -372,6 +372,66 @@ def test_alphaedit_session_keeps_first_batch_reverts_and_saves(model, tok, prist
     assert_weights_equal(model, pristine_state)
 
 
+def _first_batch_keys(model, tok, hp, tmp_path=None):
+    """Two AlphaEdit batches (REQUESTS[:2], then REQUESTS[2:]) in a session: per layer, the keys
+    of the first batch as the state stores them and as the first batch's subjects have them on
+    the model the second batch left (``(n, templates, in)``); the session is reverted."""
+    from factedit.methods import EditContext
+    from factedit.methods.alphaedit import STATE_KEY
+
+    first = [EditRequest.from_any(r) for r in REQUESTS[:2]]
+    ctx = EditContext(cache_dir=tmp_path, progress=False) if tmp_path else EditContext(progress=False)
+    session = EditSession(model, tok, method="alphaedit", hparams=hp, context=ctx)
+    try:
+        session.apply(first)
+        session.apply(REQUESTS[2:])
+        state = ctx.memo[STATE_KEY]
+        assert state.n_batches == 2 and [len(b) for b in state.requests] == [2, 2]
+        templates = next(t for k, t in ctx.memo.items() if k.startswith("templates/"))
+        out = {}
+        for layer in hp["layers"]:
+            now, _, _ = keys_and_hidden(model, tok, first, describe(model), layer, None, templates, template_rows=True)
+            out[layer] = (state.keys[layer][0], now)
+    finally:
+        session.revert_all()
+    assert session._alpha_batches() == 0
+    return out
+
+
+def test_alphaedit_refreshed_prior_keys_are_the_keys_on_the_edited_model(model, tok, pristine_state):
+    """With ``refresh_prior_keys`` the first batch's keys that the second batch's updates
+    preserve are those its subjects have on the model as edited so far (a layer's keys depend
+    only on the layers below it, all updated before it); without, those its own write read,
+    which the second batch's update of layer 4 moved at layer 5."""
+    drift = {}
+    for refresh in (False, True):
+        keys = _first_batch_keys(model, tok, {**SMALL, "refresh_prior_keys": refresh})
+        assert_weights_equal(model, pristine_state)
+        for layer, (stored, now) in keys.items():
+            drift[refresh, layer] = float((stored - now.mean(1)).norm() / now.mean(1).norm())
+    assert drift[True, 4] < 1e-5 and drift[True, 5] < 1e-5
+    assert drift[False, 4] < 1e-5  # nothing below the range's bottom layer changed
+    assert drift[False, 5] > 1e-3, drift
+
+
+def test_alphaedit_prior_keys_per_template_store_the_templates_second_moment(tok, tmp_path):
+    from conftest import make_tiny_model
+
+    tiny = make_tiny_model("llama")
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    hp = {"layers": [0, 1], "context_templates": [[3, 2]], "v_num_grad_steps": 3, "mom2_tokens": 2000,
+          "prior_keys_per_template": True}  # fmt: skip
+    for refresh in (False, True):
+        keys = _first_batch_keys(tiny, tok, {**hp, "refresh_prior_keys": refresh}, tmp_path)
+        for stored, now in keys.values():
+            n, n_t, d = now.shape
+            assert n_t == 3 and stored.shape == (n * n_t, d)
+            # Kᵀ K of the stored rows is the mean over templates of k kᵀ, summed over requests.
+            expected = torch.einsum("ntd,nte->de", now, now) / n_t
+            torch.testing.assert_close(stored.T @ stored, expected, rtol=1e-4, atol=1e-7)
+        assert_weights_equal(tiny, before)
+
+
 # ---- requests from files -----------------------------------------------------------------------
 
 

@@ -17,7 +17,12 @@ range: it matters where E[kkᵀ] has no real null space. On SmolLM2 the eigenvec
 paper's threshold still carry 5-29 % of the keys' energy (layers 8 to 3; the spectrum is flat,
 smallest eigenvalue ≈ 0.003), so P alone does not keep general knowledge in place.
 
-The keys of earlier batches are state that grows across calls: they live in an
+Two options (off by default, the paper's way) change which keys K_p are: ``refresh_prior_keys``
+reads them again on the model as edited so far, before each layer's update, instead of keeping
+those each batch's own write read; ``prior_keys_per_template`` keeps every context template's
+key, so that K_p K_pᵀ is their second moment rather than the square of their mean.
+
+The requests and keys of earlier batches are state that grows across calls: they live in an
 :class:`AlphaEditState` kept in the :class:`~factedit.methods.base.EditContext` (an
 :class:`~factedit.session.EditSession` holds that context and takes keys back out when it
 reverts batches). Without a shared context each call starts with no earlier keys.
@@ -25,6 +30,7 @@ reverts batches). Without a shared context each call starts with no earlier keys
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +38,9 @@ import torch
 from torch import nn
 
 from ..arch import ModelArch
+from ..requests import EditRequest
 from .base import EditContext, LowRankDelta
-from .memit import MEMIT, MEMITHParams, as_weight_delta
+from .memit import MEMIT, BlockInputs, MEMITHParams, Write, as_weight_delta, keys_and_hidden
 
 #: Where an :class:`AlphaEditState` lives in :attr:`EditContext.memo`.
 STATE_KEY = "alphaedit/state"
@@ -53,29 +60,44 @@ class AlphaEditHParams(MEMITHParams):
         prior_keys_weight: γ, the weight of the earlier batches' keys in the normal equations
             (γ K_p K_pᵀ; 1 is the paper's). Above 1 a new batch leaves the earlier edits'
             outputs more firmly where they were, at the price of its own fit.
+        refresh_prior_keys: read the earlier batches' keys again, on the model as edited so
+            far, before each layer's update (``False``: the keys as each batch's own write read
+            them, the paper's). Later batches' updates of the lower layers move the earlier
+            subjects' keys at the upper ones; the refreshed K_p hold the keys they have now.
+            Costs about one pass to the range's top layer over every earlier request per batch.
+        prior_keys_per_template: the earlier edits enter K_p K_pᵀ as their keys' second moment
+            over the context templates, (1/T) Σ_t k_t k_tᵀ, instead of the square of the
+            templates' mean (``False``, the paper's): the keys of the prompts that are not the
+            mean are preserved too.
     """
 
     nullspace_threshold: float = 1e-2
     l2: float = 10.0
     mom2_update_weight: float = 0.0
     prior_keys_weight: float = 1.0
+    refresh_prior_keys: bool = False
+    prior_keys_per_template: bool = False
 
 
 @dataclass
 class AlphaEditState:
-    """The keys of the edits made so far in a sequence, per layer, one tensor per batch
-    (float32, ``(n, in)``, on the CPU), and the projectors, per layer."""
+    """The edits made so far in a sequence: their requests, one list per batch, and their keys,
+    per layer, one tensor per batch (float32, ``(rows, in)``, on the CPU: one row per request,
+    or with ``prior_keys_per_template`` one per request and template, scaled so that
+    ``k.T @ k`` is the mean over templates), and the projectors, per layer."""
 
     keys: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    requests: list[list[EditRequest]] = field(default_factory=list)
     projectors: dict[tuple[int, float, int], torch.Tensor] = field(default_factory=dict)
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n_batches(self) -> int:
-        return max((len(v) for v in self.keys.values()), default=0)
+        return len(self.requests)
 
     def truncate(self, n_batches: int) -> None:
-        """Forget the keys of all batches after the first ``n_batches``."""
+        """Forget the requests and keys of all batches after the first ``n_batches``."""
+        del self.requests[n_batches:]
         for layer in self.keys:
             del self.keys[layer][n_batches:]
 
@@ -95,6 +117,25 @@ def state_of(context: EditContext) -> AlphaEditState:
         state = AlphaEditState()
         context.memo[STATE_KEY] = state
     return state
+
+
+def prior_keys(
+    w: Write, layer: int, requests: list[EditRequest], resume: BlockInputs | None = None
+) -> tuple[torch.Tensor, BlockInputs | None]:
+    """The keys of ``requests`` at ``layer`` on the model as it is now, as
+    :class:`AlphaEditState` stores them: ``(n, in)``, or with ``prior_keys_per_template``
+    ``(n · T, in)`` scaled by 1/√T (T templates); and the recorded input of block ``layer``,
+    from which a pass at a higher layer can resume as long as no block below ``layer`` changes
+    (``resume``: such a recording of a lower block). The model is unchanged."""
+    per_template = w.hparams.prior_keys_per_template  # type: ignore[attr-defined]
+    k, _, rec = keys_and_hidden(
+        w.model, w.tok, requests, w.arch, layer, None, w.templates, w.hparams.key_batch_rows,
+        resume=resume, record=layer, template_rows=per_template,
+    )  # fmt: skip
+    assert k is not None
+    if per_template:
+        k = k.reshape(-1, k.shape[-1]) / math.sqrt(len(w.templates))
+    return k.float().cpu(), rec
 
 
 def nullspace_projector(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -153,6 +194,7 @@ class AlphaEdit(MEMIT):
                 context: EditContext, mom2: dict[int, torch.Tensor]) -> None:  # fmt: skip
         self._state = state_of(context)
         self._state.pending = {}
+        self._prior_from: BlockInputs | None = None
         self._projectors = {}
         for layer in hp.layers:
             # Keyed on the statistics tensor too (pinned in the context, so its address is stable).
@@ -169,11 +211,33 @@ class AlphaEdit(MEMIT):
         return alphaedit_delta(keys, resid, p, gram, hp.l2, arch, mom2=mom2, mom2_weight=hp.mom2_update_weight,
                                preserved_weight=hp.prior_keys_weight)  # fmt: skip
 
+    def before_update(self, w: Write, layer: int) -> None:  # type: ignore[override]
+        state = self._state
+        if not w.hparams.refresh_prior_keys or not state.requests:  # type: ignore[attr-defined]
+            return
+        # The passes go up the range as the writes do: each resumes from the block input the
+        # pass below recorded (valid: only the layers below it changed since, and those before
+        # the recording), so a batch's refresh costs about one pass to the top layer. A new
+        # round (or a retry) starts again at the bottom layer, under updated layers.
+        if self._prior_from is not None and layer <= self._prior_from.block:
+            self._prior_from = None
+        k, self._prior_from = prior_keys(w, layer, [r for batch in state.requests for r in batch], self._prior_from)
+        rows = [len(batch) for batch in state.requests]
+        if w.hparams.prior_keys_per_template:  # type: ignore[attr-defined]
+            rows = [n * len(w.templates) for n in rows]
+        state.keys[layer] = list(k.split(rows))
+
     def record_keys(self, layer: int, keys: torch.Tensor, context: EditContext) -> None:
         self._state.pending[layer] = keys.detach().float().cpu()
 
-    def finish(self, context: EditContext) -> None:
+    def finish(self, w: Write, requests: list[EditRequest]) -> None:  # type: ignore[override]
         # Only a batch that was applied completely joins the preserved keys.
-        for layer, k in self._state.pending.items():
-            self._state.keys.setdefault(layer, []).append(k)
-        self._state.pending = {}
+        state = self._state
+        if w.hparams.prior_keys_per_template:  # type: ignore[attr-defined]
+            # Read once more, per template, on the model as the whole batch left it (a layer's
+            # keys do not depend on its own update or those above it).
+            state.pending = {layer: prior_keys(w, layer, requests)[0] for layer in state.pending}
+        for layer, k in state.pending.items():
+            state.keys.setdefault(layer, []).append(k)
+        state.requests.append(list(requests))
+        state.pending, self._prior_from = {}, None

@@ -231,7 +231,7 @@ class MEMIT(EditMethod):
                 break
             retried.append(failed)
             top_from = None  # the retries' passes covered the failures only
-        self.finish(context)
+        self.finish(w, requests)
         with timer("probe"):
             (after, _) = probe(model, tok, requests, old=False)
             _, h_final, _ = keys_and_hidden(
@@ -310,6 +310,7 @@ class MEMIT(EditMethod):
                     resid = torch.cat([resid, resid.new_zeros(len(pinned[layer]), resid.shape[1])])
                 if carry:
                     before = arch.mlp_out_weight_as_out_in(w.model, layer).detach().float().clone()
+                self.before_update(w, layer)
                 with w.timer("update"):
                     delta = self.layer_update(layer, keys, resid, w.mom2[layer], hp, arch)
                     w.editor.apply({arch.mlp_out_weight_name(layer): delta})
@@ -363,6 +364,9 @@ class MEMIT(EditMethod):
                 context: EditContext, mom2: dict[int, torch.Tensor]) -> None:  # fmt: skip
         """Called once per edit, after the statistics are read and before any update."""
 
+    def before_update(self, w: Write, layer: int) -> None:
+        """Called before each update of ``layer``, on the model as edited so far."""
+
     def layer_update(
         self, layer: int, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, hp: MEMITHParams, arch: ModelArch
     ) -> LowRankDelta | torch.Tensor:
@@ -372,8 +376,9 @@ class MEMIT(EditMethod):
     def record_keys(self, layer: int, keys: torch.Tensor, context: EditContext) -> None:
         """Called with the keys each layer's update was made for."""
 
-    def finish(self, context: EditContext) -> None:
-        """Called after every layer's update was applied."""
+    def finish(self, w: Write, requests: list[EditRequest]) -> None:
+        """Called after every update of the call (writes and retries of ``requests``) was
+        applied."""
 
 
 # ---- pieces shared with AlphaEdit --------------------------------------------------------
@@ -523,6 +528,7 @@ def keys_and_hidden(
     resume: BlockInputs | None = None,
     record: int | None = None,
     carry: bool = False,
+    template_rows: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, BlockInputs | None]:
     """For each request: the key at ``layer`` (the MLP output projection's input at the subject's
     last token, averaged over ``templates``) ``(n, mlp_size)``, and the output of block ``top``
@@ -537,7 +543,8 @@ def keys_and_hidden(
     ``resume.block``, at most one above the deepest block this pass runs) and return it third;
     ``carry``: with it, the inputs of block ``record − 1``'s edited projection at every
     position, so that the recording can be carried past an update of that projection
-    (:meth:`BlockInputs.carried`).
+    (:meth:`BlockInputs.carried`); ``template_rows``: the keys of every template, not their
+    mean, ``(n, len(templates), mlp_size)``.
     """
     if layer is None and top is None:
         raise ValueError("keys_and_hidden needs a layer, a top block or both")
@@ -593,7 +600,7 @@ def keys_and_hidden(
         if layer is not None:
             k = as_batch_seq(td[arch.mlp_out_name(layer)].input, *ids.shape)
             k = k[rows.to(k.device), pos.to(k.device)].float().view(len(part), n_t, -1)
-            keys.append(k.mean(1))
+            keys.append(k if template_rows else k.mean(1))
         if top is not None:
             h = as_batch_seq(first_tensor(td[arch.layer_name(top)].output), *ids.shape)
             h = h[rows.to(h.device), pos.to(h.device)].float().view(len(part), n_t, -1)
