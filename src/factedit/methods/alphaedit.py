@@ -235,8 +235,10 @@ class AlphaEdit(MEMIT):
         state = self._state
         if w.hparams.prior_keys_per_template:  # type: ignore[attr-defined]
             # Read once more, per template, on the model as the whole batch left it (a layer's
-            # keys do not depend on its own update or those above it).
-            state.pending = {layer: prior_keys(w, layer, requests)[0] for layer in state.pending}
+            # keys do not depend on its own update or those above it), in one pass up the range.
+            rec: BlockInputs | None = None
+            for layer in sorted(state.pending):
+                state.pending[layer], rec = prior_keys(w, layer, requests, rec)
         for layer, k in state.pending.items():
             state.keys.setdefault(layer, []).append(k)
         state.requests.append(list(requests))
