@@ -13,7 +13,6 @@ whose GE fell, and GE's change where the texts name the new target often or not.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics as st
 import sys
@@ -28,9 +27,9 @@ def main() -> None:
 
     from factedit.evaluate import load_dataset
     from factedit.evaluate.metrics import ngram_entropy, words
+    from factedit.evaluate.runner import read_results
 
-    lines = [json.loads(x) for x in args.results.read_text().splitlines() if x.strip()]
-    recs = [r for r in lines if r.get("type") == "case" and r.get("generations")]
+    recs = [r for r in read_results(args.results).cases if r.get("generations")]
     if not recs:
         sys.exit(f"{args.results}: no case with generations")
     cases = {c.case_id: c for c in load_dataset(args.data)}
