@@ -56,6 +56,8 @@ def main() -> None:
             "texts naming the true target": (share(pre, true), share(post, true)),
             "texts under 50 words": (st.mean(len(words(t)) < 50 for t in pre), st.mean(len(words(t)) < 50 for t in post)),
         })  # fmt: skip
+        if "GE-eos" in r["pre"] and "GE-eos" in r["post"]:  # results format 2: texts cut at end of sequence
+            rows[-1]["GE-eos"] = (r["pre"]["GE-eos"], r["post"]["GE-eos"])
     print(f"{args.results.name}: {len(rows)} cases with generations")
     print("| per case (mean) | before | after |\n| --- | ---: | ---: |")
     for k in rows[0]:

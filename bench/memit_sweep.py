@@ -161,7 +161,7 @@ def main() -> None:
 
     def fluency() -> float:
         """Mean GE over the generation sample (seeded per case, so settings differ only by the edit)."""
-        ge = [generation_entropy(case_generations(model, tok, c, cfg)) for c in gen_cases]
+        ge = [generation_entropy(case_generations(model, tok, c, cfg).texts) for c in gen_cases]
         return sum(ge) / len(ge) if ge else float("nan")
 
     pre_ge = fluency()

@@ -130,7 +130,7 @@ def test_sequential_keeps_edits_until_the_end(model, tok, flat_path, tmp_path, u
     assert seen_changed == [False, True, True]  # earlier edits stay in place
     # A fluency baseline before the first edit, then every 2 edits and at the end.
     assert [cp["n_edits"] for cp in summary.checkpoints] == [0, 2, 3]
-    assert set(summary.checkpoints[0]["summary"]) == {"GE"}
+    assert set(summary.checkpoints[0]["summary"]) == {"GE", "GE-eos"}
     assert "NS" in summary.checkpoints[-1]["summary"]
     ges = [cp["summary"]["GE"]["mean"] for cp in summary.checkpoints]
     assert all(g > 0 for g in ges) and ges[0] != ges[-1]  # the toy edits change the generations
@@ -187,7 +187,7 @@ def test_generation_metrics(model, tok, cf_path, tmp_path, unchanged_after):
         for g, p in zip(gens, cases[0].generation_prompts, strict=True)
     )
     for when in ("pre", "post"):
-        assert rec[when]["GE"] > 0 and 0.0 <= rec[when]["RS"] <= 1.0
+        assert rec[when]["GE"] > 0 and rec[when]["GE-eos"] > 0 and 0.0 <= rec[when]["RS"] <= 1.0
     assert rec["seconds"]["generation"] > 0
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from factedit.arch import describe
-from factedit.generation import format_lens, generate, logit_lens
+from factedit.generation import (
+    end_token_ids,
+    format_lens,
+    generate,
+    generate_full_length,
+    logit_lens,
+)
 
 EIFFEL = "The Eiffel Tower is located in the city of"
 
@@ -45,6 +51,29 @@ def test_seeded_top_k_is_reproducible_and_leaves_global_rng(model, tok):
     # It really samples: rows of one batch differ, and another seed gives other texts.
     assert len(set(a)) > 1
     assert a != generate(model, tok, prompts, max_new_tokens=8, top_k=40, seed=8)
+
+
+def test_full_length_generation_goes_past_end_of_sequence(model, tok):
+    # Make a common word the end-of-sequence token so that rows end early.
+    the = tok(" the")["input_ids"][0]
+    config = model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = the
+    try:
+        assert end_token_ids(model, tok) == [the]
+        prompts = ["The Eiffel Tower is located in", "Apple was founded by", "My favourite food is"]
+        full = generate_full_length(model, tok, prompts, max_new_tokens=40, top_k=5, seed=3)
+        stopped = generate(model, tok, prompts, max_new_tokens=40, top_k=5, seed=3)
+    finally:
+        config.eos_token_id = saved
+    # Cut at the first end token, the full-length samples are what a stopping generation
+    # draws with the same seed; past it they go on (ROME's evaluation protocol).
+    assert full.ended == stopped
+    assert all(t.startswith(e) for t, e in zip(full.texts, full.ended, strict=True))
+    assert any(len(t) > len(e) + 20 for t, e in zip(full.texts, full.ended, strict=True))
+    # Without an end token in the samples the two agree.
+    plain = generate_full_length(model, tok, prompts[:1], max_new_tokens=5, top_k=None)
+    assert plain.texts == plain.ended == generate(model, tok, prompts[:1], max_new_tokens=5)
 
 
 def test_top_k_one_is_greedy(model, tok):

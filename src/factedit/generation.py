@@ -28,20 +28,96 @@ def generate(
 
     Greedy when ``top_k`` is ``None`` (or 1); otherwise samples from the ``top_k`` most likely
     tokens. ``seed`` makes sampling repeatable without touching the global random state.
+    A continuation ends at the model's end-of-sequence token or after ``max_new_tokens``.
     Uses the model's KV cache; prompts are batched with left padding.
     """
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
     if not batch:
         return []
+    new = _generate_ids(model, tok, batch, max_new_tokens, top_k, seed, temperature, stop_at_eos=True)
+    return [p + tok.decode(n, skip_special_tokens=True) for p, n in zip(batch, new, strict=True)]
+
+
+@dataclass(frozen=True)
+class FullLengthGenerations:
+    """Continuations generated to their full length (see :func:`generate_full_length`)."""
+
+    #: ``prompt + continuation``, ``max_new_tokens`` tokens each, sampled on past any
+    #: end-of-sequence token (which is left out of the text).
+    texts: list[str]
+    #: The same continuations cut after their first end-of-sequence token: what
+    #: :func:`generate` returns with the same seed.
+    ended: list[str]
+
+
+@torch.no_grad()
+def generate_full_length(
+    model: nn.Module,
+    tok,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    top_k: int | None = None,
+    seed: int | None = None,
+    temperature: float = 1.0,
+) -> FullLengthGenerations:
+    """Continue each prompt for exactly ``max_new_tokens`` tokens, sampling on past
+    end-of-sequence tokens, as ROME's evaluation generates (its ``generate_fast`` has no stop
+    token and drops ``<|endoftext|>`` from the text). Also returns each continuation cut at its
+    first end-of-sequence token: up to that token the two are the same samples (the sampler
+    draws for every row at every step, finished or not), so one generation gives both."""
+    batch = list(prompts)
+    if not batch:
+        return FullLengthGenerations([], [])
+    new = _generate_ids(model, tok, batch, max_new_tokens, top_k, seed, temperature, stop_at_eos=False)
+    ends = set(end_token_ids(model, tok))
+    texts, ended = [], []
+    for p, ids in zip(batch, new.tolist(), strict=True):
+        # Up to and including the end token, decoded as generate() decodes it (a special
+        # token drops out of the text).
+        cut = next((i + 1 for i, t in enumerate(ids) if t in ends), len(ids))
+        texts.append(p + tok.decode(ids, skip_special_tokens=True))
+        ended.append(p + tok.decode(ids[:cut], skip_special_tokens=True))
+    return FullLengthGenerations(texts, ended)
+
+
+def end_token_ids(model: nn.Module, tok) -> list[int]:
+    """The token ids that end a generation: the model's generation config's
+    ``eos_token_id`` (an id or a list), else the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = tok.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+def _generate_ids(
+    model: nn.Module,
+    tok,
+    batch: list[str],
+    max_new_tokens: int,
+    top_k: int | None,
+    seed: int | None,
+    temperature: float,
+    *,
+    stop_at_eos: bool,
+) -> torch.Tensor:
+    """The new token ids ``(len(batch), new)`` of one batched ``model.generate`` call (rows that
+    ended early are padded with ``tok.pad_token_id``)."""
     enc = tok(batch, return_tensors="pt", padding=True).to(model_device(model))
     sample = top_k is not None and top_k > 1
-    kwargs = dict(
+    kwargs: dict = dict(
         max_new_tokens=max_new_tokens,
         do_sample=sample,
         pad_token_id=tok.pad_token_id,
         use_cache=True,
     )
+    if not stop_at_eos:
+        # No stop token: every row runs to max_new_tokens (transformers stops at none).
+        kwargs["eos_token_id"] = None
     if sample:
         kwargs.update(top_k=top_k, temperature=temperature)
     else:
@@ -63,9 +139,7 @@ def generate(
             if on_accel:
                 _seed_device(device, seed)
         out = model.generate(**enc, **kwargs)
-    new = out[:, enc["input_ids"].shape[1] :]
-    texts = [p + tok.decode(n, skip_special_tokens=True) for p, n in zip(batch, new, strict=True)]
-    return texts
+    return out[:, enc["input_ids"].shape[1] :]
 
 
 def _seed_device(device: torch.device, seed: int) -> None:

@@ -45,8 +45,10 @@ import numpy as np
 
 #: Order of CounterFact metrics in tables.
 COUNTERFACT_METRICS = (
-    "Score", "ES", "PS", "NS", "EM", "PM", "NM", "ES-acc", "PS-acc", "NS-acc", "NS-agree", "GE", "RS",
+    "Score", "ES", "PS", "NS", "EM", "PM", "NM", "ES-acc", "PS-acc", "NS-acc", "NS-agree", "GE", "GE-eos", "RS",
 )  # fmt: skip
+#: Metrics that are not rates: tables show them as they are, not in percent.
+RAW_METRICS = ("GE", "GE-eos", "RS")
 #: Order of zsRE metrics in tables.
 ZSRE_METRICS = ("Efficacy", "Paraphrase", "Specificity", "NQ-acc")
 #: ROME's n-gram orders and weights for the generation entropy.

@@ -30,7 +30,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -39,6 +39,7 @@ from ..scoring import TargetScores, target_token_scores
 from .datasets import EvalCase
 from .metrics import (
     COUNTERFACT_METRICS,
+    RAW_METRICS,
     ZSRE_METRICS,
     Estimate,
     PromptSetScores,
@@ -49,9 +50,13 @@ from .metrics import (
     zsre_metrics,
 )
 
+if TYPE_CHECKING:
+    from ..generation import FullLengthGenerations
+
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: GE from full-length generations (ROME's protocol), GE-eos the earlier GE.
+FORMAT_VERSION = 2
 EditFn = Callable[..., Any]
 
 
@@ -258,8 +263,9 @@ def measure_case(
     do_gen = config.generation if generation is None else generation
     if do_gen and case.generation_prompts:
         t1 = time.perf_counter()
-        texts = case_generations(model, tok, case, config)
-        metrics["GE"] = generation_entropy(texts)
+        gens = case_generations(model, tok, case, config)
+        metrics.update(generation_metrics(gens))
+        texts = gens.texts
         if reference_scorer is not None:
             rs = reference_scorer.reference_score(texts, case.request.target_new)
             if rs is not None:
@@ -268,17 +274,26 @@ def measure_case(
     return Measurement(metrics, neigh, seconds, texts)
 
 
-def case_generations(model: nn.Module, tok: Any, case: EvalCase, config: EvalConfig) -> list[str]:
+def case_generations(model: nn.Module, tok: Any, case: EvalCase, config: EvalConfig) -> FullLengthGenerations:
     """The sampled continuations of ``case.generation_prompts`` (top-k, seeded per case, so
-    the same case gives the same samples on the same weights)."""
-    from ..generation import generate
+    the same case gives the same samples on the same weights), generated to full length as
+    ROME's evaluation does, and the same cut at their first end-of-sequence token."""
+    from ..generation import generate_full_length
 
     prompts = list(case.generation_prompts)
     longest = max(len(tok(p)["input_ids"]) for p in prompts)
     # ROME generates until the padded batch reaches gen_length tokens in total.
     new_tokens = max(1, config.gen_length - longest)
-    return generate(model, tok, prompts, max_new_tokens=new_tokens, top_k=config.gen_top_k,
-                    seed=case_seed(config.seed, case.case_id))  # fmt: skip
+    return generate_full_length(model, tok, prompts, max_new_tokens=new_tokens, top_k=config.gen_top_k,
+                                seed=case_seed(config.seed, case.case_id))  # fmt: skip
+
+
+def generation_metrics(gens: FullLengthGenerations) -> dict[str, float]:
+    """Fluency of one case's generations: ``GE``, the n-gram entropy of the full-length texts
+    (ROME's protocol: its sampler has no stop token), and ``GE-eos``, that of the same texts
+    cut at the first end-of-sequence token (factedit's GE before results format 2, which
+    counts a text the model ends early as less fluent)."""
+    return {"GE": generation_entropy(gens.texts), "GE-eos": generation_entropy(gens.ended)}
 
 
 # ---- results file ------------------------------------------------------------------------
@@ -411,7 +426,7 @@ class Summary:
             "| --- | ---: | ---: |",
         ]
         for m in self.metric_names():
-            scale, digits = (1.0, 2) if m in ("GE", "RS") else (100.0, 1)
+            scale, digits = (1.0, 2) if m in RAW_METRICS else (100.0, 1)
             pre = self.pre.get(m)
             post = self.post.get(m)
             lines.append(
@@ -421,15 +436,14 @@ class Summary:
             lines += ["", "| seconds per case | mean ± 95 % CI |", "| --- | ---: |"]
             lines += [f"| {k} | {v.format(1.0, 2)} |" for k, v in self.seconds.items()]
         if self.checkpoints:
-            names = [m for m in self.metric_names() if m not in ("GE", "RS")]
-            if any("GE" in cp["summary"] for cp in self.checkpoints):
-                names.append("GE")
+            names = [m for m in self.metric_names() if m not in RAW_METRICS]
+            names += [m for m in ("GE", "GE-eos") if any(m in cp["summary"] for cp in self.checkpoints)]
             lines += ["", "Sequential checkpoints (all edits so far, re-measured):", ""]
             lines += ["| edits | " + " | ".join(names) + " |", "|" + " ---: |" * (len(names) + 1)]
             for cp in self.checkpoints:
                 est = cp["summary"]
                 cells = [
-                    _estimate(est[m]).format(*((1.0, 2) if m == "GE" else (100.0, 1))) if m in est else "-"
+                    _estimate(est[m]).format(*((1.0, 2) if m in RAW_METRICS else (100.0, 1))) if m in est else "-"
                     for m in names
                 ]
                 lines.append(f"| {cp['n_edits']} | " + " | ".join(cells) + " |")
@@ -799,9 +813,10 @@ def _checkpoint(
     if config.checkpoint_gen:
         sample = [c for c in cases if c.generation_prompts][: config.checkpoint_gen]
         # Generations only: the cases' scores are not part of the fluency curve.
-        ge = [generation_entropy(case_generations(model, tok, c, config)) for c in sample]
-        if ge:
-            summary["GE"] = mean_ci(ge).to_dict()
+        ge = [generation_metrics(case_generations(model, tok, c, config)) for c in sample]
+        for m in ("GE", "GE-eos"):
+            if ge:
+                summary[m] = mean_ci([g[m] for g in ge]).to_dict()
     return {
         "type": "checkpoint",
         "n_cases": len(records),

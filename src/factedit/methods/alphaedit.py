@@ -17,7 +17,8 @@ range: it matters where E[kkᵀ] has no real null space. On SmolLM2 the eigenvec
 paper's threshold still carry 5-29 % of the keys' energy (layers 8 to 3; the spectrum is flat,
 smallest eigenvalue ≈ 0.003), so P alone does not keep general knowledge in place.
 
-Two options (off by default, the paper's way) change which keys K_p are: ``refresh_prior_keys``
+Two options (off in the class defaults, the paper's way; on in SmolLM2's shipped file, chosen by
+measurement, docs/mass_editing.md) change which keys K_p are: ``refresh_prior_keys``
 reads them again on the model as edited so far, before each layer's update, instead of keeping
 those each batch's own write read; ``prior_keys_per_template`` keeps every context template's
 key, so that K_p K_pᵀ is their second moment rather than the square of their mean.
@@ -221,7 +222,8 @@ class AlphaEdit(MEMIT):
         # round (or a retry) starts again at the bottom layer, under updated layers.
         if self._prior_from is not None and layer <= self._prior_from.block:
             self._prior_from = None
-        k, self._prior_from = prior_keys(w, layer, [r for batch in state.requests for r in batch], self._prior_from)
+        with w.timer("prior_keys"):
+            k, self._prior_from = prior_keys(w, layer, [r for batch in state.requests for r in batch], self._prior_from)
         rows = [len(batch) for batch in state.requests]
         if w.hparams.prior_keys_per_template:  # type: ignore[attr-defined]
             rows = [n * len(w.templates) for n in rows]
@@ -237,8 +239,9 @@ class AlphaEdit(MEMIT):
             # Read once more, per template, on the model as the whole batch left it (a layer's
             # keys do not depend on its own update or those above it), in one pass up the range.
             rec: BlockInputs | None = None
-            for layer in sorted(state.pending):
-                state.pending[layer], rec = prior_keys(w, layer, requests, rec)
+            with w.timer("prior_keys"):
+                for layer in sorted(state.pending):
+                    state.pending[layer], rec = prior_keys(w, layer, requests, rec)
         for layer, k in state.pending.items():
             state.keys.setdefault(layer, []).append(k)
         state.requests.append(list(requests))

@@ -256,6 +256,7 @@ PHASE_NAMES = {
     "stats": "covariance statistics",
     "key": "key",
     "value": "value optimisation",
+    "prior_keys": "earlier edits' keys",
     "probe": "target probability",
     "update": "weight update",
     "score": "target probability",
