@@ -107,6 +107,13 @@ def test_records_resume_and_config_check(model, tok, flat_path, tmp_path, unchan
             edit_fn=toy,
             progress=False,
         )
+    # So is a file of results format 1, whose GE stopped at the end-of-sequence token.
+    old = tmp_path / "format1.jsonl"
+    header = json.loads(out.read_text().splitlines()[0])
+    header["config"]["format_version"] = 1
+    old.write_text("\n".join([json.dumps(header), *out.read_text().splitlines()[1:]]) + "\n")
+    with pytest.raises(ConfigMismatchError, match="format_version"):
+        run_evaluation(model, tok, cases, cfg, old, edit_fn=toy, progress=False)
     md = summary.to_markdown()
     assert "| ES |" in md and "± " in md
 

@@ -44,7 +44,8 @@ class FullLengthGenerations:
     """Continuations generated to their full length (see :func:`generate_full_length`)."""
 
     #: ``prompt + continuation``, ``max_new_tokens`` tokens each, sampled on past any
-    #: end-of-sequence token (which is left out of the text).
+    #: end-of-sequence token (special tokens are left out of the text, as ROME drops
+    #: ``<|endoftext|>``).
     texts: list[str]
     #: The same continuations cut after their first end-of-sequence token: what
     #: :func:`generate` returns with the same seed.
