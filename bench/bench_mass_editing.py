@@ -153,7 +153,7 @@ def per_batch(out: Path, cases: list, batch: int) -> str:
 def side_by_side(summaries: dict) -> str:
     """One Markdown table: each metric before the edits (the same unedited model for every
     method) and after each method."""
-    from factedit.evaluate.metrics import RAW_METRICS
+    from factedit.evaluate.metrics import table_format
 
     first = next(iter(summaries.values()))
     names = []
@@ -163,7 +163,7 @@ def side_by_side(summaries: dict) -> str:
     lines = ["Same process, same records, same unedited model:", "", head,
              "| --- | ---: | " + " | ".join("---:" for _ in summaries) + " |"]  # fmt: skip
     for m in names:
-        scale, digits = (1.0, 2) if m in RAW_METRICS else (100.0, 1)
+        scale, digits = table_format(m)
         pre = first.pre.get(m)
         posts = [s.post.get(m) for s in summaries.values()]
         lines.append(f"| {m} | {pre.format(scale, digits) if pre else '-'} | "

@@ -47,8 +47,16 @@ import numpy as np
 COUNTERFACT_METRICS = (
     "Score", "ES", "PS", "NS", "EM", "PM", "NM", "ES-acc", "PS-acc", "NS-acc", "NS-agree", "GE", "GE-eos", "RS",
 )  # fmt: skip
+#: Fluency metrics of a case's generations (see ``runner.generation_metrics``).
+GENERATION_METRICS = ("GE", "GE-eos")
 #: Metrics that are not rates: tables show them as they are, not in percent.
-RAW_METRICS = ("GE", "GE-eos", "RS")
+RAW_METRICS = (*GENERATION_METRICS, "RS")
+
+
+def table_format(metric: str) -> tuple[float, int]:
+    """``(scale, digits)`` for showing ``metric`` in a table: rates in percent with one digit,
+    :data:`RAW_METRICS` as they are with two."""
+    return (1.0, 2) if metric in RAW_METRICS else (100.0, 1)
 #: Order of zsRE metrics in tables.
 ZSRE_METRICS = ("Efficacy", "Paraphrase", "Specificity", "NQ-acc")
 #: ROME's n-gram orders and weights for the generation entropy.

@@ -39,6 +39,7 @@ from ..scoring import TargetScores, target_token_scores
 from .datasets import EvalCase
 from .metrics import (
     COUNTERFACT_METRICS,
+    GENERATION_METRICS,
     RAW_METRICS,
     ZSRE_METRICS,
     Estimate,
@@ -47,6 +48,7 @@ from .metrics import (
     generation_entropy,
     mean_ci,
     summarize_cases,
+    table_format,
     zsre_metrics,
 )
 
@@ -426,7 +428,7 @@ class Summary:
             "| --- | ---: | ---: |",
         ]
         for m in self.metric_names():
-            scale, digits = (1.0, 2) if m in RAW_METRICS else (100.0, 1)
+            scale, digits = table_format(m)
             pre = self.pre.get(m)
             post = self.post.get(m)
             lines.append(
@@ -437,13 +439,13 @@ class Summary:
             lines += [f"| {k} | {v.format(1.0, 2)} |" for k, v in self.seconds.items()]
         if self.checkpoints:
             names = [m for m in self.metric_names() if m not in RAW_METRICS]
-            names += [m for m in ("GE", "GE-eos") if any(m in cp["summary"] for cp in self.checkpoints)]
+            names += [m for m in GENERATION_METRICS if any(m in cp["summary"] for cp in self.checkpoints)]
             lines += ["", "Sequential checkpoints (all edits so far, re-measured):", ""]
             lines += ["| edits | " + " | ".join(names) + " |", "|" + " ---: |" * (len(names) + 1)]
             for cp in self.checkpoints:
                 est = cp["summary"]
                 cells = [
-                    _estimate(est[m]).format(*((1.0, 2) if m in RAW_METRICS else (100.0, 1))) if m in est else "-"
+                    _estimate(est[m]).format(*table_format(m)) if m in est else "-"
                     for m in names
                 ]
                 lines.append(f"| {cp['n_edits']} | " + " | ".join(cells) + " |")
@@ -814,9 +816,8 @@ def _checkpoint(
         sample = [c for c in cases if c.generation_prompts][: config.checkpoint_gen]
         # Generations only: the cases' scores are not part of the fluency curve.
         ge = [generation_metrics(case_generations(model, tok, c, config)) for c in sample]
-        for m in ("GE", "GE-eos"):
-            if ge:
-                summary[m] = mean_ci([g[m] for g in ge]).to_dict()
+        if ge:
+            summary.update({m: mean_ci([g[m] for g in ge]).to_dict() for m in GENERATION_METRICS})
     return {
         "type": "checkpoint",
         "n_cases": len(records),
