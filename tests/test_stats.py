@@ -7,7 +7,7 @@ import torch
 from factedit.arch import describe
 from factedit.corpus import Corpus
 from factedit.hooks import Trace
-from factedit.stats import compute_second_moment, layer_stats, packed_token_rows
+from factedit.stats import compute_second_moment, layer_stats, layers_stats, packed_token_rows
 
 TEXTS = [
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France.",
@@ -53,6 +53,21 @@ def test_cache_returns_identical_statistics(model, tok, tmp_path):
     assert other_budget.key != first.key and not other_budget.from_cache
     other_corpus = layer_stats(model, tok, 2, **{**kw, "corpus": Corpus.from_texts(TEXTS[:2] * 8, name="tiny")})
     assert other_corpus.key != first.key
+
+
+def test_several_layers_in_one_pass_are_each_layers_statistics_cached_per_layer(model, tok, tmp_path):
+    corpus = Corpus.from_texts(TEXTS, name="tiny")
+    kw = dict(corpus=corpus, tokens=300, seq_len=64, progress=False)
+    # One layer cached first: the pass computes only the missing ones and reads that one.
+    alone = layer_stats(model, tok, 4, cache_dir=tmp_path / "a", **kw)
+    got = layers_stats(model, tok, [2, 4, 6], cache_dir=tmp_path / "a", **kw)
+    assert sorted(got) == [2, 4, 6] and got[4].from_cache and torch.equal(got[4].mom2, alone.mom2)
+    for i in (2, 6):
+        own = layer_stats(model, tok, i, cache_dir=tmp_path / "b", **kw)
+        assert not own.from_cache and got[i].key == own.key and got[i].count == own.count
+        torch.testing.assert_close(got[i].mom2, own.mom2, rtol=1e-5, atol=1e-7)
+        # Cached under layer_stats' own key: a later single-layer call reads it.
+        assert layer_stats(model, tok, i, cache_dir=tmp_path / "a", **kw).from_cache
 
 
 def test_cache_key_follows_the_weights_that_feed_the_layer(model, tok, tmp_path, unchanged_after):
