@@ -5,7 +5,9 @@ and the CounterFact file it was made from, and prints for the cases with generat
 and after, the mean word count of the generated texts, GE at matched length (each pair of
 texts cut to the shorter one's words, which separates shorter texts from repetition), how
 often the texts name the new and the true target, the median change and the share of cases
-whose GE fell, and GE's change where the texts name the new target often or not.
+whose GE fell, and GE's change where the texts name the new target often or not. Cross-talk: how many mentions per text of another edit's new target (any request
+of the run other than the case's own, its true target excepted), and GE's change where those
+are frequent or not.
 
     python bench/ge_breakdown.py RESULTS.jsonl ../shared/data/counterfact/counterfact-train.json
 """
@@ -13,10 +15,16 @@ whose GE fell, and GE's change where the texts name the new target often or not.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import statistics as st
 import sys
 from pathlib import Path
+
+
+def mentions(texts: list[str], pattern: re.Pattern[str] | None) -> float:
+    """Mean number of matches of ``pattern`` per text (0 without a pattern)."""
+    return st.mean(len(pattern.findall(t)) for t in texts) if pattern else 0.0
 
 
 def main() -> None:
@@ -29,10 +37,12 @@ def main() -> None:
     from factedit.evaluate.metrics import ngram_entropy, words
     from factedit.evaluate.runner import read_results
 
-    recs = [r for r in read_results(args.results).cases if r.get("generations")]
+    every = read_results(args.results).cases
+    recs = [r for r in every if r.get("generations")]
     if not recs:
         sys.exit(f"{args.results}: no case with generations")
     cases = {c.case_id: c for c in load_dataset(args.data)}
+    edited = {cases[r["case_id"]].request.target_text.strip() for r in every}
     rows = []
     for r in recs:
         req = cases[r["case_id"]].request
@@ -48,12 +58,16 @@ def main() -> None:
         def share(texts: list[str], s: str) -> float:
             return sum(s in t.lower() for t in texts) / len(texts) if s else 0.0
 
+        others = sorted({t for t in edited if t.lower() not in (new, true)}, key=len, reverse=True)
+        other_re = re.compile(r"\b(?:" + "|".join(map(re.escape, others)) + r")\b") if others else None
+
         rows.append({
             "GE": (r["pre"]["GE"], r["post"]["GE"]),
             "words": (st.mean(len(words(t)) for t in pre), st.mean(len(words(t)) for t in post)),
             "GE, matched length": (st.mean(m[0] for m in matched), st.mean(m[1] for m in matched)),
             "texts naming the new target": (share(pre, new), share(post, new)),
             "texts naming the true target": (share(pre, true), share(post, true)),
+"other edits' targets named per text": (mentions(pre, other_re), mentions(post, other_re)),
             "texts under 50 words": (st.mean(len(words(t)) < 50 for t in pre), st.mean(len(words(t)) < 50 for t in post)),
         })  # fmt: skip
         if "GE-eos" in r["pre"] and "GE-eos" in r["post"]:  # results format 2: texts cut at end of sequence
@@ -67,6 +81,11 @@ def main() -> None:
     often = [x for x in rows if x["texts naming the new target"][1] >= 0.5]
     rare = [x for x in rows if x["texts naming the new target"][1] < 0.5]
     for name, group in (("naming the new target in at least half the texts", often), ("the others", rare)):
+        if group:
+            print(f"{name}: {len(group)} cases, mean GE change {st.mean(x['GE'][1] - x['GE'][0] for x in group):+.3f}")
+    crowded = [x for x in rows if x["other edits' targets named per text"][1] >= 1]
+    quiet = [x for x in rows if x["other edits' targets named per text"][1] < 1]
+    for name, group in (("naming other edits' targets at least once per text", crowded), ("the others", quiet)):
         if group:
             print(f"{name}: {len(group)} cases, mean GE change {st.mean(x['GE'][1] - x['GE'][0] for x in group):+.3f}")
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))

@@ -419,6 +419,37 @@ def test_alphaedit_refreshed_prior_keys_are_the_keys_on_the_edited_model(model, 
     assert drift[False, 5] > 1e-3, drift
 
 
+def test_alphaedit_repairs_earlier_edits_that_no_longer_hold(model, tok, pristine_state):
+    """``repair_prior_rounds``: an earlier batch whose edits were lost (here its weights put
+    back by hand while the sequence's state still holds it) is written again by the next
+    batch's call, which keeps its own edits; with no repair the earlier batch stays lost."""
+    from factedit.methods import EditContext
+
+    first = [EditRequest.from_any(r) for r in REQUESTS[:2]]
+    second = [EditRequest.from_any(r) for r in REQUESTS[2:]]
+    hp = {**SMALL, "v_num_grad_steps": 20}
+    outcome = {}
+    try:
+        for rounds in (0, 1):
+            ctx = EditContext(progress=False)
+            lost = edit(model, tok, first, method="alphaedit", hparams=hp, context=ctx)
+            assert holds(model, tok, first) == [True, True]
+            lost.restore()  # the weights forget the first batch; the state does not
+            assert holds(model, tok, first) == [False, False]
+            result = edit(model, tok, second, method="alphaedit", hparams={**hp, "repair_prior_rounds": rounds}, context=ctx)
+            outcome[rounds] = (holds(model, tok, first), holds(model, tok, second), result.diagnostics[0])
+            result.restore()
+            assert_weights_equal(model, pristine_state)
+    finally:
+        with torch.no_grad():
+            model.load_state_dict(pristine_state)
+    assert outcome[0][0] == [False, False] and "repaired_prior" not in outcome[0][2]
+    assert outcome[1][0] == [True, True], outcome[1]
+    # The batch's own edits are what they are without the repair (pinned through it).
+    assert outcome[1][1] == outcome[0][1] and any(outcome[1][1]), (outcome[0], outcome[1])
+    assert outcome[1][2]["repaired_prior"] == 2 and outcome[1][2]["repaired_prior_rounds"] == [2]
+
+
 def test_alphaedit_prior_keys_per_template_store_the_templates_second_moment(tok, tmp_path):
     from conftest import make_tiny_model
 
@@ -494,6 +525,10 @@ def test_batch_evaluation_sequential_measures_all_at_the_end(model, tok, pristin
     # Both edits were measured on the model holding both: each rewrite now prefers the new target.
     assert summary.post["ES"].mean > summary.pre["ES"].mean
     assert summary.post["ES"].mean >= 0.5
+    # Each record keeps its request's scalar diagnostics from the edit (lists are dropped).
+    for c in res.cases:
+        d = c["diagnostics"]
+        assert d["v_steps"] >= 1 and 0 < d["target_prob_after"] <= 1 and "layers" not in d
     # The same configuration resumes (nothing to do), another is refused.
     run_batch_evaluation(model, tok, cases, cfg, out, batch_size=1, hparams=SMALL, progress=False)
     from factedit.evaluate import ConfigMismatchError

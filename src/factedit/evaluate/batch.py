@@ -39,6 +39,7 @@ from .runner import (
     config_differences,
     measure_case,
     read_results,
+    scalar_diagnostics,
     summarize,
 )
 
@@ -135,14 +136,20 @@ def run_batch_evaluation(
     session = EditSession(model, tok, method=config.method, hparams=hparams, context=context)
 
     def apply(k: int, batch: list[EvalCase]) -> dict[Any, float]:
-        """Edit ``batch`` in the session; the seconds per case."""
+        """Edit ``batch`` in the session; the seconds per case (each case's diagnostics go
+        to ``diagnostics``)."""
         bar.set_postfix_str(f"editing batch {k + 1}/{len(todo)}")
         t0 = time.perf_counter()
-        session.apply([c.request for c in batch])
+        result = session.apply([c.request for c in batch])
         per_case = (time.perf_counter() - t0) / len(batch)
         bar.set_postfix_str("")
         bar.update(len(batch))
+        found = getattr(result, "diagnostics", None) or []
+        for j, c in enumerate(batch):
+            diagnostics[_json_id(c.case_id)] = scalar_diagnostics(found[j]) if j < len(found) else {}
         return {_json_id(c.case_id): per_case for c in batch}
+
+    diagnostics: dict[Any, dict[str, Any]] = {}
 
     try:
         pres = {_json_id(c.case_id): measure(c) for c in todo_cases}
@@ -150,7 +157,9 @@ def run_batch_evaluation(
             edit_seconds = {}
             for k, b in enumerate(todo):
                 edit_seconds.update(apply(k, b))
-            records = [_record(c, pres, measure(c, pres[_json_id(c.case_id)]), edit_seconds) for c in todo_cases]
+            records = [
+                _record(c, pres, measure(c, pres[_json_id(c.case_id)]), edit_seconds, diagnostics) for c in todo_cases
+            ]
             for rec in records:
                 _append(out, rec)
         else:
@@ -161,14 +170,16 @@ def run_batch_evaluation(
                 finally:
                     session.revert_all()
                 for c, post in zip(b, posts, strict=True):
-                    _append(out, _record(c, pres, post, secs))
+                    _append(out, _record(c, pres, post, secs, diagnostics))
     finally:
         bar.close()
         session.revert_all()
     return summarize(read_results(out), [c.case_id for c in cases])
 
 
-def _record(case: EvalCase, pres: dict[Any, Any], post: Any, edit_seconds: dict[Any, float]) -> dict[str, Any]:
+def _record(
+    case: EvalCase, pres: dict[Any, Any], post: Any, edit_seconds: dict[Any, float], diagnostics: dict[Any, dict[str, Any]]
+) -> dict[str, Any]:
     cid = _json_id(case.case_id)
     pre = pres[cid]
     seconds = {
@@ -183,6 +194,9 @@ def _record(case: EvalCase, pres: dict[Any, Any], post: Any, edit_seconds: dict[
         "post": post.metrics,
         "seconds": seconds,
         "pre_neighborhood_argmax": [list(a) for a in pre.neighborhood.true_argmax],
+        # The method's diagnostics for this case's request (for MEMIT/AlphaEdit the first
+        # request's also hold the batch's: retries, repaired earlier edits).
+        "diagnostics": diagnostics.get(cid, {}),
     }
     if post.generations:
         rec["generations"] = {"pre": pre.generations, "post": post.generations}

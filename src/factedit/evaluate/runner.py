@@ -782,14 +782,17 @@ def _run_case(
         "pre_neighborhood_argmax": [list(a) for a in pre.neighborhood.true_argmax],
     }
     diagnostics = getattr(result, "diagnostics", None) or [{}]
-    # The method's own scalar diagnostics (steps, losses, efficacy check), for looking into
-    # individual cases; the metrics above never depend on them.
-    record["diagnostics"] = {
-        k: v for k, v in diagnostics[0].items() if isinstance(v, (bool, int, float, str)) or v is None
-    }
+    record["diagnostics"] = scalar_diagnostics(diagnostics[0])
     if post.generations:
         record["generations"] = {"pre": pre.generations, "post": post.generations}
     return record
+
+
+def scalar_diagnostics(diagnostics: Mapping[str, Any]) -> dict[str, Any]:
+    """The scalar entries of a method's diagnostics for one request (steps, losses, efficacy
+    check, retries), as results records keep them for looking into individual cases; the
+    metrics never depend on them."""
+    return {k: v for k, v in diagnostics.items() if isinstance(v, (bool, int, float, str)) or v is None}
 
 
 def _checkpoint(

@@ -23,6 +23,10 @@ reads them again on the model as edited so far, before each layer's update, inst
 those each batch's own write read; ``prior_keys_per_template`` keeps every context template's
 key, so that K_p K_pᵀ is their second moment rather than the square of their mean.
 
+A third (``repair_prior_rounds``, not in the paper, off by default) re-asserts the earlier
+edits that later batches wore down: after a batch is written, the earlier requests that no
+longer hold get a new δ on the model as it is and are written again, in the same call.
+
 The requests and keys of earlier batches are state that grows across calls: they live in an
 :class:`AlphaEditState` kept in the :class:`~factedit.methods.base.EditContext` (an
 :class:`~factedit.session.EditSession` holds that context and takes keys back out when it
@@ -32,6 +36,7 @@ reverts batches). Without a shared context each call starts with no earlier keys
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +46,17 @@ from torch import nn
 from ..arch import ModelArch
 from ..requests import EditRequest
 from .base import EditContext, LowRankDelta
-from .memit import MEMIT, BlockInputs, MEMITHParams, Write, as_weight_delta, keys_and_hidden
+from .memit import (
+    MEMIT,
+    BlockInputs,
+    MEMITHParams,
+    Write,
+    as_weight_delta,
+    compute_targets,
+    holds,
+    keys_and_hidden,
+    probe,
+)
 
 #: Where an :class:`AlphaEditState` lives in :attr:`EditContext.memo`.
 STATE_KEY = "alphaedit/state"
@@ -70,6 +85,14 @@ class AlphaEditHParams(MEMITHParams):
             over the context templates, (1/T) Σ_t k_t k_tᵀ, instead of the square of the
             templates' mean (``False``, the paper's): the keys of the prompts that are not the
             mean are preserved too.
+        repair_prior_rounds: after a batch's write (and its retries), check every request of
+            the earlier batches; those that no longer hold get a new δ, optimised on the model
+            as it is, and are written again in one spreading round, with this batch's requests
+            pinned and the other earlier edits preserved through K_p (the repaired ones are
+            left out of K_p for that write). A later round checks only the requests the round
+            before repaired. 0: the paper. Each round costs an efficacy check of every earlier
+            request plus the values of the failures; the repair writes belong to the batch
+            that made them (reverting it reverts them).
     """
 
     nullspace_threshold: float = 1e-2
@@ -78,19 +101,20 @@ class AlphaEditHParams(MEMITHParams):
     prior_keys_weight: float = 1.0
     refresh_prior_keys: bool = False
     prior_keys_per_template: bool = False
+    repair_prior_rounds: int = 0
 
 
 @dataclass
 class AlphaEditState:
     """The edits made so far in a sequence: their requests, one list per batch, and their keys,
-    per layer, one tensor per batch (float32, ``(rows, in)``, on the CPU: one row per request,
-    or with ``prior_keys_per_template`` one per request and template, scaled so that
-    ``k.T @ k`` is the mean over templates), and the projectors, per layer."""
+    per layer, one tensor per batch (float32, ``(rows, in)``, on the CPU, rows in the order of
+    the batch's requests: one row per request, or with ``prior_keys_per_template`` one per
+    request and template, scaled so that ``k.T @ k`` is the mean over templates), and the
+    projectors, per layer."""
 
     keys: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     requests: list[list[EditRequest]] = field(default_factory=list)
     projectors: dict[tuple[int, float, int], torch.Tensor] = field(default_factory=dict)
-    pending: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n_batches(self) -> int:
@@ -102,12 +126,20 @@ class AlphaEditState:
         for layer in self.keys:
             del self.keys[layer][n_batches:]
 
-    def gram(self, layer: int, device: torch.device) -> torch.Tensor | None:
-        """Σ K_p K_pᵀ over the earlier batches at ``layer`` (float64), or ``None``."""
+    def gram(self, layer: int, device: torch.device, leave_out: Sequence[int] = ()) -> torch.Tensor | None:
+        """Σ K_p K_pᵀ over the earlier batches at ``layer`` (float64), or ``None``; without the
+        keys of the requests at the positions ``leave_out`` of the batches' requests laid end
+        to end."""
         parts = self.keys.get(layer, [])
         if not parts:
             return None
-        k = torch.cat(parts).to(device, torch.float64)
+        k = torch.cat(parts)
+        if leave_out:
+            n = sum(len(batch) for batch in self.requests[: len(parts)])
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[list(leave_out)] = False
+            k = k[keep.repeat_interleave(k.shape[0] // n)]
+        k = k.to(device, torch.float64)
         return k.T @ k
 
 
@@ -190,12 +222,15 @@ class AlphaEdit(MEMIT):
             raise ValueError("nullspace_threshold and l2 must be positive")
         if hparams.prior_keys_weight < 0:
             raise ValueError(f"prior_keys_weight must be >= 0, got {hparams.prior_keys_weight}")
+        if hparams.repair_prior_rounds < 0:
+            raise ValueError(f"repair_prior_rounds must be >= 0, got {hparams.repair_prior_rounds}")
 
     def prepare(self, model: nn.Module, tok: Any, hp: AlphaEditHParams, arch: ModelArch,  # type: ignore[override]
                 context: EditContext, mom2: dict[int, torch.Tensor]) -> None:  # fmt: skip
         self._state = state_of(context)
-        self._state.pending = {}
         self._prior_from: BlockInputs | None = None
+        self._leave_out: list[int] = []
+        self.repaired: list[int] = []
         self._projectors = {}
         for layer in hp.layers:
             # Keyed on the statistics tensor too (pinned in the context, so its address is stable).
@@ -208,7 +243,7 @@ class AlphaEdit(MEMIT):
         self, layer: int, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, hp: AlphaEditHParams, arch: ModelArch
     ) -> LowRankDelta | torch.Tensor:
         p = self._projectors[layer]
-        gram = self._state.gram(layer, p.device)
+        gram = self._state.gram(layer, p.device, self._leave_out)
         return alphaedit_delta(keys, resid, p, gram, hp.l2, arch, mom2=mom2, mom2_weight=hp.mom2_update_weight,
                                preserved_weight=hp.prior_keys_weight)  # fmt: skip
 
@@ -229,20 +264,60 @@ class AlphaEdit(MEMIT):
             rows = [n * len(w.templates) for n in rows]
         state.keys[layer] = list(k.split(rows))
 
-    def record_keys(self, layer: int, keys: torch.Tensor, context: EditContext) -> None:
-        self._state.pending[layer] = keys.detach().float().cpu()
+    def execute(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:  # type: ignore[override]
+        diagnostics = super().execute(*args, **kwargs)
+        if diagnostics and self.repaired:
+            # The earlier edits this batch found lost (a scalar, so results records keep it),
+            # and how many each repair round wrote.
+            diagnostics[0]["repaired_prior"] = self.repaired[0]
+            diagnostics[0]["repaired_prior_rounds"] = list(self.repaired)
+        return diagnostics
+
+    def after_write(self, w: Write, requests: list[EditRequest]) -> bool:  # type: ignore[override]
+        """``repair_prior_rounds`` (see :class:`AlphaEditHParams`); the counts of requests
+        repaired per round are left in :attr:`repaired`."""
+        hp, state = w.hparams, self._state
+        rounds = hp.repair_prior_rounds  # type: ignore[attr-defined]
+        if not rounds or not state.requests:
+            return False
+        earlier = [r for batch in state.requests for r in batch]
+        among: list[int] | None = None
+        for _ in range(rounds):
+            with w.timer("probe"):
+                check = list(range(len(earlier))) if among is None else among
+                ok = holds(w.model, w.tok, [earlier[j] for j in check])
+            failed = [j for j, good in zip(check, ok, strict=True) if not good]
+            if not failed:
+                break
+            self.repaired.append(len(failed))
+            sub = [earlier[j] for j in failed]
+            with w.timer("probe"):
+                _, old_first = probe(w.model, w.tok, sub)
+            with w.timer("value"):
+                _, z = compute_targets(w.model, w.tok, sub, hp, w.arch, w.templates, old_first, w.context.progress)
+            # The repaired requests leave K_p for this write (kept there, their keys would hold
+            # the outputs this write must move); this batch's requests are pinned by the keys
+            # its write read (stale by what the repair moved the layers below, as in a retry).
+            self._leave_out, self._prior_from = failed, None
+            try:
+                self.spread(w, sub, z, 1, pinned=w.keys)
+            finally:
+                self._leave_out, self._prior_from = [], None
+            among = failed
+        return bool(self.repaired)
 
     def finish(self, w: Write, requests: list[EditRequest]) -> None:  # type: ignore[override]
         # Only a batch that was applied completely joins the preserved keys.
         state = self._state
+        keys = {layer: k.detach().float().cpu() for layer, k in w.keys.items()}
         if w.hparams.prior_keys_per_template:  # type: ignore[attr-defined]
             # Read once more, per template, on the model as the whole batch left it (a layer's
             # keys do not depend on its own update or those above it), in one pass up the range.
             rec: BlockInputs | None = None
             with w.timer("prior_keys"):
-                for layer in sorted(state.pending):
-                    state.pending[layer], rec = prior_keys(w, layer, requests, rec)
-        for layer, k in state.pending.items():
+                for layer in sorted(keys):
+                    keys[layer], rec = prior_keys(w, layer, requests, rec)
+        for layer, k in keys.items():
             state.keys.setdefault(layer, []).append(k)
         state.requests.append(list(requests))
-        state.pending, self._prior_from = {}, None
+        self._prior_from = None

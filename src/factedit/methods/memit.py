@@ -231,6 +231,8 @@ class MEMIT(EditMethod):
                 break
             retried.append(failed)
             top_from = None  # the retries' passes covered the failures only
+        if self.after_write(w, requests):
+            top_from = None  # the lower layers changed since that recording
         self.finish(w, requests)
         with timer("probe"):
             (after, _) = probe(model, tok, requests, old=False)
@@ -320,7 +322,6 @@ class MEMIT(EditMethod):
                         # The change as applied (in the weight's dtype), not as computed.
                         change = arch.mlp_out_weight_as_out_in(w.model, layer).detach().float() - before
                         key_from, top_from = key_from.carried(change), top_from.carried(change)
-                self.record_keys(layer, keys, w.context)
                 layer_info.append({"layer": layer, "resid_norm": float(resid.norm(dim=1).mean())})
         return Spread(layer_info, top_from, read)
 
@@ -373,8 +374,10 @@ class MEMIT(EditMethod):
         """ΔW = R Kᵀ (λ·E[kkᵀ] + K Kᵀ)⁻¹ in the weight's storage orientation."""
         return memit_delta(keys, resid, mom2, hp.mom2_update_weight, arch)
 
-    def record_keys(self, layer: int, keys: torch.Tensor, context: EditContext) -> None:
-        """Called with the keys each layer's update was made for."""
+    def after_write(self, w: Write, requests: list[EditRequest]) -> bool:
+        """Called after the writes and retries of ``requests``, before :meth:`finish`; may
+        write more (AlphaEdit's repair of earlier edits). Returns whether it changed the model."""
+        return False
 
     def finish(self, w: Write, requests: list[EditRequest]) -> None:
         """Called after every update of the call (writes and retries of ``requests``) was
