@@ -100,6 +100,29 @@ def test_alphaedit_projector_annihilates_preserved_keys():
     assert (dw.double() @ k.double().T - r.double().T).abs().max() < 0.05 * r.abs().max()
 
 
+def test_alphaedit_state_gram_leaves_out_requests_with_all_their_template_rows():
+    from factedit.methods.alphaedit import AlphaEditState
+
+    g = torch.Generator().manual_seed(0)
+    for rows_per_request in (1, 3):
+        # Two batches of 2 and 3 requests, each request ``rows_per_request`` consecutive rows.
+        parts = [torch.randn(n * rows_per_request, 6, generator=g) for n in (2, 3)]
+        state = AlphaEditState(keys={4: parts}, requests=[[None] * 2, [None] * 3])  # type: ignore[list-item]
+        every = torch.cat(parts).double()
+        torch.testing.assert_close(state.gram(4, torch.device("cpu")), every.T @ every)
+        # Requests 1 (first batch) and 3 (second batch's second) laid end to end.
+        kept = [j for j in range(5) if j not in (1, 3)]
+        rows = torch.cat([every[j * rows_per_request : (j + 1) * rows_per_request] for j in kept])
+        torch.testing.assert_close(state.gram(4, torch.device("cpu"), [1, 3]), rows.T @ rows)
+    assert AlphaEditState().gram(4, torch.device("cpu"), [0]) is None
+
+
+@pytest.mark.parametrize("bad", [{"repair_prior_rounds": -1}, {"prior_keys_weight": -1.0}, {"retry_rounds": -1}])
+def test_alphaedit_refuses_negative_counts_and_weights_before_editing(model, tok, unchanged_after, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        edit(model, tok, REQUESTS[:1], method="alphaedit", hparams={**SMALL, **bad})
+
+
 def test_alphaedit_statistics_penalty_solves_its_normal_equations():
     # ΔW (K Kᵀ P + K_p K_pᵀ P + λ C P + α I) = R Kᵀ P; with P = I and α → 0 this is MEMIT's update
     # with the earlier keys in the normal equations.
