@@ -264,14 +264,12 @@ class AlphaEdit(MEMIT):
             rows = [n * len(w.templates) for n in rows]
         state.keys[layer] = list(k.split(rows))
 
-    def execute(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:  # type: ignore[override]
-        diagnostics = super().execute(*args, **kwargs)
-        if diagnostics and self.repaired:
-            # The earlier edits this batch found lost (a scalar, so results records keep it),
-            # and how many each repair round wrote.
-            diagnostics[0]["repaired_prior"] = self.repaired[0]
-            diagnostics[0]["repaired_prior_rounds"] = list(self.repaired)
-        return diagnostics
+    def call_diagnostics(self) -> dict[str, Any]:
+        if not self.repaired:
+            return {}
+        # The earlier edits this batch found lost (a scalar, so results records keep it), and
+        # how many each repair round wrote.
+        return {"repaired_prior": self.repaired[0], "repaired_prior_rounds": list(self.repaired)}
 
     def after_write(self, w: Write, requests: list[EditRequest]) -> bool:  # type: ignore[override]
         """``repair_prior_rounds`` (see :class:`AlphaEditHParams`); the counts of requests

@@ -254,6 +254,7 @@ class MEMIT(EditMethod):
             diagnostics.append(info)
         if diagnostics:
             diagnostics[0]["layer_residuals"] = layer_info
+            diagnostics[0].update(self.call_diagnostics())
         return diagnostics
 
     def spread(
@@ -378,6 +379,10 @@ class MEMIT(EditMethod):
         """Called after the writes and retries of ``requests``, before :meth:`finish`; may
         write more (AlphaEdit's repair of earlier edits). Returns whether it changed the model."""
         return False
+
+    def call_diagnostics(self) -> dict[str, Any]:
+        """What the call as a whole adds to the first request's diagnostics."""
+        return {}
 
     def finish(self, w: Write, requests: list[EditRequest]) -> None:
         """Called after every update of the call (writes and retries of ``requests``) was
