@@ -5,9 +5,9 @@ and the CounterFact file it was made from, and prints for the cases with generat
 and after, the mean word count of the generated texts, GE at matched length (each pair of
 texts cut to the shorter one's words, which separates shorter texts from repetition), how
 often the texts name the new and the true target, the median change and the share of cases
-whose GE fell, and GE's change where the texts name the new target often or not. Cross-talk: how many mentions per text of another edit's new target (any request
-of the run other than the case's own, its true target excepted), and GE's change where those
-are frequent or not.
+whose GE fell, and GE's change where the texts name the new target often or not. Cross-talk:
+how many mentions per text of another edit's new target (any request of the run other than
+the case's own, its true target excepted), and GE's change where those are frequent or not.
 
     python bench/ge_breakdown.py RESULTS.jsonl ../shared/data/counterfact/counterfact-train.json
 """
@@ -22,9 +22,18 @@ import sys
 from pathlib import Path
 
 
-def mentions(texts: list[str], pattern: re.Pattern[str] | None) -> float:
-    """Mean number of matches of ``pattern`` per text (0 without a pattern)."""
-    return st.mean(len(pattern.findall(t)) for t in texts) if pattern else 0.0
+def mentions(texts: list[str], pattern: re.Pattern[str], besides: tuple[str, ...]) -> float:
+    """Mean number of matches of ``pattern`` per text, not counting those (lower-cased) in
+    ``besides``."""
+    return st.mean(sum(m.lower() not in besides for m in pattern.findall(t)) for t in texts)
+
+
+def print_split(rows: list[dict], key: str, at: float, names: tuple[str, str]) -> None:
+    """Mean GE change of the rows whose ``key`` after the edit is at least ``at`` and of the
+    others."""
+    for name, group in ((names[0], [x for x in rows if x[key][1] >= at]), (names[1], [x for x in rows if x[key][1] < at])):
+        if group:
+            print(f"{name}: {len(group)} cases, mean GE change {st.mean(x['GE'][1] - x['GE'][0] for x in group):+.3f}")
 
 
 def main() -> None:
@@ -43,6 +52,8 @@ def main() -> None:
         sys.exit(f"{args.results}: no case with generations")
     cases = {c.case_id: c for c in load_dataset(args.data)}
     edited = {cases[r["case_id"]].request.target_text.strip() for r in every}
+    # Longest first, so that a target inside a longer one is not matched in its place.
+    targets_re = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(edited, key=len, reverse=True))) + r")\b")
     rows = []
     for r in recs:
         req = cases[r["case_id"]].request
@@ -58,16 +69,14 @@ def main() -> None:
         def share(texts: list[str], s: str) -> float:
             return sum(s in t.lower() for t in texts) / len(texts) if s else 0.0
 
-        others = sorted({t for t in edited if t.lower() not in (new, true)}, key=len, reverse=True)
-        other_re = re.compile(r"\b(?:" + "|".join(map(re.escape, others)) + r")\b") if others else None
-
+        own = (new, true)
         rows.append({
             "GE": (r["pre"]["GE"], r["post"]["GE"]),
             "words": (st.mean(len(words(t)) for t in pre), st.mean(len(words(t)) for t in post)),
             "GE, matched length": (st.mean(m[0] for m in matched), st.mean(m[1] for m in matched)),
             "texts naming the new target": (share(pre, new), share(post, new)),
             "texts naming the true target": (share(pre, true), share(post, true)),
-"other edits' targets named per text": (mentions(pre, other_re), mentions(post, other_re)),
+            "other edits' targets named per text": (mentions(pre, targets_re, own), mentions(post, targets_re, own)),
             "texts under 50 words": (st.mean(len(words(t)) < 50 for t in pre), st.mean(len(words(t)) < 50 for t in post)),
         })  # fmt: skip
         if "GE-eos" in r["pre"] and "GE-eos" in r["post"]:  # results format 2: texts cut at end of sequence
@@ -78,16 +87,8 @@ def main() -> None:
         print(f"| {k} | {st.mean(x[k][0] for x in rows):.3f} | {st.mean(x[k][1] for x in rows):.3f} |")
     d = [x["GE"][1] - x["GE"][0] for x in rows]
     print(f"\nGE change per case: median {st.median(d):+.3f}; fell in {sum(v < 0 for v in d)} of {len(d)} cases")
-    often = [x for x in rows if x["texts naming the new target"][1] >= 0.5]
-    rare = [x for x in rows if x["texts naming the new target"][1] < 0.5]
-    for name, group in (("naming the new target in at least half the texts", often), ("the others", rare)):
-        if group:
-            print(f"{name}: {len(group)} cases, mean GE change {st.mean(x['GE'][1] - x['GE'][0] for x in group):+.3f}")
-    crowded = [x for x in rows if x["other edits' targets named per text"][1] >= 1]
-    quiet = [x for x in rows if x["other edits' targets named per text"][1] < 1]
-    for name, group in (("naming other edits' targets at least once per text", crowded), ("the others", quiet)):
-        if group:
-            print(f"{name}: {len(group)} cases, mean GE change {st.mean(x['GE'][1] - x['GE'][0] for x in group):+.3f}")
+    print_split(rows, "texts naming the new target", 0.5, ("naming the new target in at least half the texts", "the others"))
+    print_split(rows, "other edits' targets named per text", 1, ("naming other edits' targets at least once per text", "the others"))
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
 
 

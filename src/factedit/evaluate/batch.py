@@ -135,6 +135,8 @@ def run_batch_evaluation(
 
     session = EditSession(model, tok, method=config.method, hparams=hparams, context=context)
 
+    diagnostics: dict[Any, dict[str, Any]] = {}  # per case id, filled by apply()
+
     def apply(k: int, batch: list[EvalCase]) -> dict[Any, float]:
         """Edit ``batch`` in the session; the seconds per case (each case's diagnostics go
         to ``diagnostics``)."""
@@ -148,8 +150,6 @@ def run_batch_evaluation(
         for j, c in enumerate(batch):
             diagnostics[_json_id(c.case_id)] = scalar_diagnostics(found[j]) if j < len(found) else {}
         return {_json_id(c.case_id): per_case for c in batch}
-
-    diagnostics: dict[Any, dict[str, Any]] = {}
 
     try:
         pres = {_json_id(c.case_id): measure(c) for c in todo_cases}

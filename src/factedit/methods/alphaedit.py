@@ -52,10 +52,8 @@ from .memit import (
     MEMITHParams,
     Write,
     as_weight_delta,
-    compute_targets,
-    holds,
+    failing_targets,
     keys_and_hidden,
-    probe,
 )
 
 #: Where an :class:`AlphaEditState` lives in :attr:`EditContext.memo`.
@@ -274,25 +272,19 @@ class AlphaEdit(MEMIT):
     def after_write(self, w: Write, requests: list[EditRequest]) -> bool:  # type: ignore[override]
         """``repair_prior_rounds`` (see :class:`AlphaEditHParams`); the counts of requests
         repaired per round are left in :attr:`repaired`."""
-        hp, state = w.hparams, self._state
-        rounds = hp.repair_prior_rounds  # type: ignore[attr-defined]
+        state = self._state
+        rounds = w.hparams.repair_prior_rounds  # type: ignore[attr-defined]
         if not rounds or not state.requests:
             return False
         earlier = [r for batch in state.requests for r in batch]
         among: list[int] | None = None
         for _ in range(rounds):
-            with w.timer("probe"):
-                check = list(range(len(earlier))) if among is None else among
-                ok = holds(w.model, w.tok, [earlier[j] for j in check])
-            failed = [j for j, good in zip(check, ok, strict=True) if not good]
-            if not failed:
+            check = list(range(len(earlier))) if among is None else among
+            failed, z = failing_targets(w, earlier, check)
+            if z is None:
                 break
             self.repaired.append(len(failed))
             sub = [earlier[j] for j in failed]
-            with w.timer("probe"):
-                _, old_first = probe(w.model, w.tok, sub)
-            with w.timer("value"):
-                _, z = compute_targets(w.model, w.tok, sub, hp, w.arch, w.templates, old_first, w.context.progress)
             # The repaired requests leave K_p for this write (kept there, their keys would hold
             # the outputs this write must move); this batch's requests are pinned by the keys
             # its write read (stale by what the repair moved the layers below, as in a retry).

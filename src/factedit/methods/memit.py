@@ -341,18 +341,11 @@ class MEMIT(EditMethod):
         the current ones); after the retry's own updates of the layers below they are stale by
         what a few requests' write moved them, which saves re-reading a thousand requests'
         keys at every layer. The failures' keys in ``w.keys`` are brought up to date."""
-        with w.timer("probe"):
-            check = list(range(len(requests))) if among is None else among
-            failed = [j for j, ok in zip(check, holds(w.model, w.tok, [requests[j] for j in check]), strict=True) if not ok]
-        if not failed:
+        check = list(range(len(requests))) if among is None else among
+        failed, z_failed = failing_targets(w, requests, check, old_first)
+        if z_failed is None:
             return []
         sub = [requests[j] for j in failed]
-        with w.timer("value"):
-            # δ again, for the failures only, on the edited model: it sees the cross-talk of
-            # the batch that kept them from holding.
-            _, z_failed = compute_targets(
-                w.model, w.tok, sub, w.hparams, w.arch, w.templates, [old_first[j] for j in failed], w.context.progress
-            )
         keep = torch.ones(len(requests), dtype=torch.bool)
         keep[failed] = False
         pinned = {layer: k[keep.to(k.device)] for layer, k in w.keys.items()}
@@ -451,6 +444,30 @@ def holds(model: nn.Module, tok: Any, requests: list[EditRequest]) -> list[bool]
     for j, s in zip(with_true, true, strict=True):
         out[j] = float(new[j].logprobs.mean()) > float(s.logprobs.mean())
     return out
+
+
+def failing_targets(
+    w: Write, requests: list[EditRequest], check: list[int], old_first: list[int | None] | None = None
+) -> tuple[list[int], torch.Tensor | None]:
+    """Of ``requests`` at the indices ``check``, those whose new target does not win on the
+    model as it is (:func:`holds`), and their target states z (:func:`compute_targets`)
+    optimised again there, so that δ sees the cross-talk that kept them from holding.
+    ``old_first`` (per request) gives the tokens to beat; without it they are probed on the
+    failures. ``([], None)`` when all hold. The model is unchanged."""
+    with w.timer("probe"):
+        ok = holds(w.model, w.tok, [requests[j] for j in check])
+    failed = [j for j, good in zip(check, ok, strict=True) if not good]
+    if not failed:
+        return [], None
+    sub = [requests[j] for j in failed]
+    if old_first is None:
+        with w.timer("probe"):
+            _, firsts = probe(w.model, w.tok, sub)
+    else:
+        firsts = [old_first[j] for j in failed]
+    with w.timer("value"):
+        _, z = compute_targets(w.model, w.tok, sub, w.hparams, w.arch, w.templates, firsts, w.context.progress)
+    return failed, z
 
 
 def compute_targets(
