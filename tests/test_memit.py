@@ -398,6 +398,25 @@ def test_alphaedit_session_keeps_first_batch_reverts_and_saves(model, tok, prist
     assert_weights_equal(model, pristine_state)
 
 
+def test_a_one_request_batch_saves_and_reloads_bit_identically(model, tok, pristine_state, tmp_path):
+    """A batch of one request writes rank-1 factors (a column whose last dimension has size 1,
+    which the file's checksum must hash like any other tensor)."""
+    session = EditSession(model, tok, method="alphaedit", hparams=SMALL)
+    try:
+        session.apply(REQUESTS[:1])
+        edited = {k: v.clone() for k, v in model.state_dict().items()}
+        path = session.save(tmp_path / "one.safetensors")
+    finally:
+        session.revert_all()
+    assert_weights_equal(model, pristine_state)
+    applied = apply_edits(model, path)
+    try:
+        assert_weights_equal(model, edited)
+    finally:
+        applied.revert()
+    assert_weights_equal(model, pristine_state)
+
+
 def _first_batch_keys(model, tok, hp, tmp_path=None):
     """Two AlphaEdit batches (REQUESTS[:2], then REQUESTS[2:]) in a session: per layer, the keys
     of the first batch as the state stores them and as the first batch's subjects have them on

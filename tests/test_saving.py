@@ -247,3 +247,19 @@ def test_apply_cli_wrong_base_is_an_error(tok, saved_rank_one, tmp_path, capsys)
     assert rc == 2
     assert "no parameter" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_tensor_digest_hashes_a_column_with_a_non_unit_last_stride():
+    """``(n, 1)`` transposed from ``(1, n)`` is contiguous but keeps stride n in its last
+    dimension; its digest is that of the same values laid out plainly."""
+    import hashlib
+
+    from factedit.fingerprint import tensor_digest
+
+    row = torch.arange(6, dtype=torch.float32).reshape(1, 6)
+    column = row.T
+    assert column.is_contiguous() and column.stride(-1) == 6
+    a, b = hashlib.sha256(), hashlib.sha256()
+    tensor_digest(a, "w", column)
+    tensor_digest(b, "w", row.reshape(6, 1).clone())
+    assert a.hexdigest() == b.hexdigest()

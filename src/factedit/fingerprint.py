@@ -26,7 +26,9 @@ def tensor_digest(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
     if t.numel():
         # Hash the array's buffer in place: ``tobytes()`` would first copy every weight, which
         # cost more than the hash itself (3.5 s against 1.0 s for 540 MB on this machine).
-        h.update(t.cpu().view(torch.uint8).numpy())
+        # Flattened first: a contiguous tensor whose last dimension has size 1 (a rank-1
+        # factor as a column) may keep a stride other than 1 there, which ``view`` refuses.
+        h.update(t.cpu().reshape(-1).view(torch.uint8).numpy())
 
 
 def params_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
