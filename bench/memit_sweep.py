@@ -99,6 +99,13 @@ def main() -> None:
         help="also measure fluency (GE) on the generation prompts of the first K cases",
     )
     ap.add_argument(
+        "--gen-unedited",
+        type=int,
+        default=0,
+        help="also measure GE on the generation prompts of K cases after the batch (not edited): "
+        "tells fluency lost on the edited subjects from fluency lost everywhere",
+    )
+    ap.add_argument(
         "--measure",
         type=int,
         default=0,
@@ -140,7 +147,10 @@ def main() -> None:
     path = Path(args.data) if Path(args.data).is_file() else data_path(args.data)
     model, tok = load_model()
     arch = describe(model)
-    cases = load_dataset(path, limit=args.offset + args.n)[args.offset :]
+    loaded = load_dataset(path, limit=args.offset + args.n + 2 * args.gen_unedited)
+    cases = loaded[args.offset : args.offset + args.n]
+    bystanders = [c for c in loaded[args.offset + args.n :] if c.generation_prompts]
+    bystanders = bystanders[: args.gen_unedited]
     requests = [c.request for c in cases]
     method = get_method(args.method)
     base = json.loads(args.hparams) if args.hparams else {}
@@ -159,12 +169,13 @@ def main() -> None:
     gen_cases = [c for c in measured if c.generation_prompts][: args.gen_sample]
     no_edit_seconds = dict.fromkeys(pres, 0.0)  # the values and writes are timed per setting instead
 
-    def fluency() -> float:
-        """Mean GE over the generation sample (seeded per case, so settings differ only by the edit)."""
-        ge = [generation_entropy(case_generations(model, tok, c, cfg).texts) for c in gen_cases]
+    def fluency(sample: list = gen_cases) -> float:
+        """Mean GE over a generation sample (seeded per case, so settings differ only by the edit)."""
+        ge = [generation_entropy(case_generations(model, tok, c, cfg).texts) for c in sample]
         return sum(ge) / len(ge) if ge else float("nan")
 
     pre_ge = fluency()
+    pre_ge_unedited = fluency(bystanders)
     t_pre = time.perf_counter() - t0
     templates = context_templates(model, tok, hp, context)
     from factedit.methods.memit import Write, probe
@@ -180,10 +191,13 @@ def main() -> None:
         _append(out, {"type": "header", "config": cfg.to_dict(), "notes": [json.dumps(setting)]})
         for c in measured:
             post = measure_case(model, tok, c, cfg, pre=pres[_json_id(c.case_id)], generation=False)
-            _append(out, _record(c, pres, post, no_edit_seconds))
+            _append(out, _record(c, pres, post, no_edit_seconds, {}))
         summary = summarize(read_results(out), [c.case_id for c in measured])
         post = {m: summary.post[m].mean for m in METRICS if m in summary.post}
-        return {"pre_NS": summary.pre["NS"].mean, **post, "pre_GE": pre_ge, "GE": fluency()}
+        row = {"pre_NS": summary.pre["NS"].mean, **post, "pre_GE": pre_ge, "GE": fluency()}
+        if bystanders:
+            row |= {"pre_GE_unedited": pre_ge_unedited, "GE_unedited": fluency(bystanders)}
+        return row
 
     for k, setting in enumerate([json.loads(s) for s in args.set] or [{}]):
         shp = resolve_hparams(method, model, {**base, **setting}, arch)
@@ -238,12 +252,16 @@ def main() -> None:
           f"{t_pre:.0f} s; torch threads "
           f"{torch.get_num_threads()}")  # fmt: skip
     ge_head = f" GE (pre {pre_ge:.2f}, {len(gen_cases)} cases) |" if gen_cases else ""
+    if bystanders:
+        ge_head += f" GE of {len(bystanders)} unedited cases (pre {pre_ge_unedited:.2f}) |"
     print(
         "| setting | ES | PS | NS (pre " + f"{100 * rows[0]['pre_NS']:.1f}) | EM | PM |" + ge_head
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gen_cases else ""))
+    print("| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * (bool(gen_cases) + bool(bystanders)))
     for r in rows:
         ge_cell = f" {r['GE']:.2f} |" if gen_cases else ""
+        if bystanders:
+            ge_cell += f" {r['GE_unedited']:.2f} |"
         print(
             f"| `{json.dumps(r['setting'])}` | "
             + " | ".join(f"{100 * r[m]:.1f}" for m in ("ES", "PS", "NS", "EM", "PM"))

@@ -117,7 +117,8 @@ def test_alphaedit_state_gram_leaves_out_requests_with_all_their_template_rows()
     assert AlphaEditState().gram(4, torch.device("cpu"), [0]) is None
 
 
-@pytest.mark.parametrize("bad", [{"repair_prior_rounds": -1}, {"prior_keys_weight": -1.0}, {"retry_rounds": -1}])
+@pytest.mark.parametrize("bad", [{"repair_prior_rounds": -1}, {"prior_keys_weight": -1.0}, {"retry_rounds": -1},
+                                 {"repair_update_weight": -1.0}])  # fmt: skip
 def test_alphaedit_refuses_negative_counts_and_weights_before_editing(model, tok, unchanged_after, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         edit(model, tok, REQUESTS[:1], method="alphaedit", hparams={**SMALL, **bad})
@@ -490,6 +491,34 @@ def test_alphaedit_repairs_earlier_edits_that_no_longer_hold(model, tok, pristin
     # The batch's own edits are what they are without the repair (pinned through it).
     assert outcome[1][1] == outcome[0][1] and any(outcome[1][1]), (outcome[0], outcome[1])
     assert outcome[1][2]["repaired_prior"] == 2 and outcome[1][2]["repaired_prior_rounds"] == [2]
+
+
+def test_alphaedit_repair_writes_with_its_own_statistics_weight(tok, tmp_path):
+    """``repair_update_weight`` is λ for the repair's write only: a huge one makes the repair
+    write (almost) nothing, so the batch's weights are those of no repair; ``None`` repairs
+    with the batch's λ. Tiny random model: this checks the arithmetic, not editing quality."""
+    from conftest import make_tiny_model
+    from factedit.methods import EditContext
+
+    tiny = make_tiny_model("llama")
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    hp = {"layers": [0, 1], "context_templates": [[3, 2]], "v_num_grad_steps": 3, "mom2_tokens": 2000,
+          "mom2_update_weight": 1.0}  # fmt: skip
+    deltas = {}
+    for label, extra in {"none": {"repair_prior_rounds": 0}, "same": {"repair_prior_rounds": 1},
+                         "huge": {"repair_prior_rounds": 1, "repair_update_weight": 1e12}}.items():  # fmt: skip
+        ctx = EditContext(cache_dir=tmp_path, progress=False)
+        lost = edit(tiny, tok, REQUESTS[:2], method="alphaedit", hparams=hp, context=ctx)
+        lost.restore()  # the weights forget the first batch; the sequence's state does not
+        result = edit(tiny, tok, REQUESTS[2:], method="alphaedit", hparams={**hp, **extra}, context=ctx)
+        deltas[label] = torch.cat([(p - before[n]).flatten() for n, p in tiny.state_dict().items()])
+        repaired = result.diagnostics[0].get("repaired_prior", 0)
+        result.restore()
+        assert_weights_equal(tiny, before)
+        assert (repaired > 0) == (label != "none"), (label, repaired)
+    moved = (deltas["same"] - deltas["none"]).norm()
+    assert moved > 1e-3 * deltas["none"].norm()
+    assert (deltas["huge"] - deltas["none"]).norm() < 1e-3 * moved
 
 
 def test_alphaedit_prior_keys_per_template_store_the_templates_second_moment(tok, tmp_path):

@@ -91,6 +91,9 @@ class AlphaEditHParams(MEMITHParams):
             before repaired. 0: the paper. Each round costs an efficacy check of every earlier
             request plus the values of the failures; the repair writes belong to the batch
             that made them (reverting it reverts them).
+        repair_update_weight: λ for the repair's writes only (``None``: ``mom2_update_weight``).
+            Larger than λ, the repair moves the model less for the requests it writes again,
+            which keeps more of the unedited neighbours where they were.
     """
 
     nullspace_threshold: float = 1e-2
@@ -100,6 +103,7 @@ class AlphaEditHParams(MEMITHParams):
     refresh_prior_keys: bool = False
     prior_keys_per_template: bool = False
     repair_prior_rounds: int = 0
+    repair_update_weight: float | None = None
 
 
 @dataclass
@@ -222,12 +226,15 @@ class AlphaEdit(MEMIT):
             raise ValueError(f"prior_keys_weight must be >= 0, got {hparams.prior_keys_weight}")
         if hparams.repair_prior_rounds < 0:
             raise ValueError(f"repair_prior_rounds must be >= 0, got {hparams.repair_prior_rounds}")
+        if hparams.repair_update_weight is not None and hparams.repair_update_weight < 0:
+            raise ValueError(f"repair_update_weight must be >= 0, got {hparams.repair_update_weight}")
 
     def prepare(self, model: nn.Module, tok: Any, hp: AlphaEditHParams, arch: ModelArch,  # type: ignore[override]
                 context: EditContext, mom2: dict[int, torch.Tensor]) -> None:  # fmt: skip
         self._state = state_of(context)
         self._prior_from: BlockInputs | None = None
         self._leave_out: list[int] = []
+        self._repairing = False
         self.repaired: list[int] = []
         self._projectors = {}
         for layer in hp.layers:
@@ -242,7 +249,10 @@ class AlphaEdit(MEMIT):
     ) -> LowRankDelta | torch.Tensor:
         p = self._projectors[layer]
         gram = self._state.gram(layer, p.device, self._leave_out)
-        return alphaedit_delta(keys, resid, p, gram, hp.l2, arch, mom2=mom2, mom2_weight=hp.mom2_update_weight,
+        weight = hp.mom2_update_weight
+        if self._repairing and hp.repair_update_weight is not None:
+            weight = hp.repair_update_weight
+        return alphaedit_delta(keys, resid, p, gram, hp.l2, arch, mom2=mom2, mom2_weight=weight,
                                preserved_weight=hp.prior_keys_weight)  # fmt: skip
 
     def before_update(self, w: Write, layer: int) -> None:  # type: ignore[override]
@@ -288,11 +298,11 @@ class AlphaEdit(MEMIT):
             # The repaired requests leave K_p for this write (kept there, their keys would hold
             # the outputs this write must move); this batch's requests are pinned by the keys
             # its write read (stale by what the repair moved the layers below, as in a retry).
-            self._leave_out, self._prior_from = failed, None
+            self._leave_out, self._prior_from, self._repairing = failed, None, True
             try:
                 self.spread(w, sub, z, 1, pinned=w.keys)
             finally:
-                self._leave_out, self._prior_from = [], None
+                self._leave_out, self._prior_from, self._repairing = [], None, False
             among = failed
         return bool(self.repaired)
 
