@@ -87,6 +87,11 @@ def main() -> None:
         print(f"| {k} | {st.mean(x[k][0] for x in rows):.3f} | {st.mean(x[k][1] for x in rows):.3f} |")
     d = [x["GE"][1] - x["GE"][0] for x in rows]
     print(f"\nGE change per case: median {st.median(d):+.3f}; fell in {sum(v < 0 for v in d)} of {len(d)} cases")
+    # A few texts falling into a loop (a sentence or a name repeated to the end) lose most of a
+    # case's GE at once; this says how much of the mean change such cases carry.
+    big = [v for v in d if v < -0.5]
+    print(f"cases losing more than 0.5: {len(big)}, carrying {sum(big) / len(d):+.3f} of the mean change "
+          f"{sum(d) / len(d):+.3f}")  # fmt: skip
     print_split(rows, "texts naming the new target", 0.5, ("naming the new target in at least half the texts", "the others"))
     print_split(rows, "other edits' targets named per text", 1, ("naming other edits' targets at least once per text", "the others"))
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
