@@ -1,0 +1,29 @@
+"""bench/memit_sweep.py at a few edits: the sweep's measuring path runs in every suite (it broke
+once unnoticed when batch records changed shape)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_memit_sweep_smoke(tmp_path, data_dir):
+    out = tmp_path / "sweep.json"
+    hp = {"layers": [4, 5], "context_templates": [[5, 2]], "v_num_grad_steps": 3, "mom2_tokens": 2000}
+    env = dict(os.environ, FACTEDIT_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "memit_sweep.py"), "--n", "2", "--offset", "2000",
+         "--threads", "1", "--gen-sample", "1", "--gen-unedited", "1", "--hparams", json.dumps(hp),
+         "--set", '{"retry_rounds": 1}', "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and rows[0]["setting"]["retry_rounds"] == 1
+    for key in ("ES", "PS", "NS", "GE", "pre_GE", "GE_unedited", "pre_GE_unedited"):
+        assert 0 <= rows[0][key] <= 10, (key, rows[0])
+    assert "GE of 1 unedited cases" in proc.stdout
