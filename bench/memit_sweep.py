@@ -166,7 +166,8 @@ def main() -> None:
     pres = {
         _json_id(c.case_id): measure_case(model, tok, c, cfg, generation=False) for c in measured
     }
-    gen_cases = [c for c in measured if c.generation_prompts][: args.gen_sample]
+    # From all edited cases, not only the measured ones: --measure limits the ES/PS/NS cases.
+    gen_cases = [c for c in cases if c.generation_prompts][: args.gen_sample]
     no_edit_seconds = dict.fromkeys(pres, 0.0)  # the values and writes are timed per setting instead
 
     def fluency(sample: list = gen_cases) -> float:

@@ -1,5 +1,6 @@
 """bench/memit_sweep.py at a few edits: the sweep's measuring path runs in every suite (it broke
-once unnoticed when batch records changed shape)."""
+once unnoticed when batch records changed shape, and its GE sample was once silently cut to
+the --measure cases)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def test_memit_sweep_smoke(tmp_path, data_dir):
     env = dict(os.environ, FACTEDIT_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "memit_sweep.py"), "--n", "2", "--offset", "2000",
-         "--threads", "1", "--gen-sample", "1", "--gen-unedited", "1", "--hparams", json.dumps(hp),
+         "--threads", "1", "--measure", "1", "--gen-sample", "2", "--gen-unedited", "1", "--hparams", json.dumps(hp),
          "--set", '{"retry_rounds": 1}', "--json", str(out)],
         capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
     )  # fmt: skip
@@ -27,3 +28,5 @@ def test_memit_sweep_smoke(tmp_path, data_dir):
     for key in ("ES", "PS", "NS", "GE", "pre_GE", "GE_unedited", "pre_GE_unedited"):
         assert 0 <= rows[0][key] <= 10, (key, rows[0])
     assert "GE of 1 unedited cases" in proc.stdout
+    # GE's sample is drawn from every edited case, not only the ones --measure keeps.
+    assert ", 2 cases)" in proc.stdout, proc.stdout[-2000:]
