@@ -79,6 +79,16 @@ def cached_values(
     return z
 
 
+def paired_change(before: list[float], after: list[float]) -> str:
+    """The mean relative change from ``before`` to ``after`` (same cases, same order) with the
+    standard error of the paired differences, both in percent of the mean before."""
+    n = len(before)
+    diffs = [b - a for a, b in zip(before, after, strict=True)]
+    mean_before, mean_diff = sum(before) / n, sum(diffs) / n
+    se = (sum((d - mean_diff) ** 2 for d in diffs) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+    return f"{100 * mean_diff / mean_before:+.1f} % ± {100 * se / mean_before:.1f} %"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="memit", choices=["memit", "alphaedit", "emmet"])
@@ -117,7 +127,13 @@ def main() -> None:
         default=None,
         help="e.g. 2,3: write each setting one spreading round at a time, measure after these",
     )
-    ap.add_argument("--json", default=None, help="write the summaries here")
+    ap.add_argument(
+        "--final-only",
+        action="store_true",
+        help="with retry rounds, measure each setting only after its last retry (saves a "
+        "measurement and a GE sample per retry)",
+    )
+    ap.add_argument("--json", default=None, help="write the summaries here (with per-case GE)")
     ap.add_argument(
         "--cache",
         default=None,
@@ -170,13 +186,17 @@ def main() -> None:
     gen_cases = [c for c in cases if c.generation_prompts][: args.gen_sample]
     no_edit_seconds = dict.fromkeys(pres, 0.0)  # the values and writes are timed per setting instead
 
-    def fluency(sample: list = gen_cases) -> float:
-        """Mean GE over a generation sample (seeded per case, so settings differ only by the edit)."""
-        ge = [generation_entropy(case_generations(model, tok, c, cfg).texts) for c in sample]
-        return sum(ge) / len(ge) if ge else float("nan")
+    def fluency(sample: list = gen_cases) -> list[float]:
+        """GE of each case of a generation sample (seeded per case, so settings differ only by
+        the edit, and two settings' lists pair case by case)."""
+        return [generation_entropy(case_generations(model, tok, c, cfg).texts) for c in sample]
 
-    pre_ge = fluency()
-    pre_ge_unedited = fluency(bystanders)
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    pre_ge_cases = fluency()
+    pre_ge_unedited_cases = fluency(bystanders)
+    pre_ge, pre_ge_unedited = mean(pre_ge_cases), mean(pre_ge_unedited_cases)
     t_pre = time.perf_counter() - t0
     templates = context_templates(model, tok, hp, context)
     from factedit.methods.memit import Write, probe
@@ -195,10 +215,17 @@ def main() -> None:
             _append(out, _record(c, pres, post, no_edit_seconds, {}))
         summary = summarize(read_results(out), [c.case_id for c in measured])
         post = {m: summary.post[m].mean for m in METRICS if m in summary.post}
-        row = {"pre_NS": summary.pre["NS"].mean, **post, "pre_GE": pre_ge, "GE": fluency()}
+        ge_cases = fluency()
+        row = {"pre_NS": summary.pre["NS"].mean, **post, "pre_GE": pre_ge, "GE": mean(ge_cases),
+               "GE_cases": ge_cases, "pre_GE_cases": pre_ge_cases}  # fmt: skip
         if bystanders:
-            row |= {"pre_GE_unedited": pre_ge_unedited, "GE_unedited": fluency(bystanders)}
+            unedited = fluency(bystanders)
+            row |= {"pre_GE_unedited": pre_ge_unedited, "GE_unedited": mean(unedited),
+                    "GE_unedited_cases": unedited, "pre_GE_unedited_cases": pre_ge_unedited_cases}  # fmt: skip
         return row
+
+    def brief(row: dict) -> dict:
+        return {k: v for k, v in row.items() if not k.endswith("_cases")}
 
     for k, setting in enumerate([json.loads(s) for s in args.set] or [{}]):
         shp = resolve_hparams(method, model, {**base, **setting}, arch)
@@ -229,7 +256,7 @@ def main() -> None:
                     rows.append(
                         {"setting": shown, **measure(shown, f"s{k}r{r}"), "write_s": t_write}
                     )
-                    print(json.dumps(rows[-1]), flush=True)
+                    print(json.dumps(brief(rows[-1])), flush=True)
             # Retry rounds (``retry_rounds`` in a setting) after the last spreading round,
             # measured after each one; the row above is the same write without them.
             failed: list[int] | None = None
@@ -237,12 +264,14 @@ def main() -> None:
                 t1 = time.perf_counter()
                 failed = method.retry(w, requests, old_first, among=failed)
                 t_write += time.perf_counter() - t1
+                if args.final_only and failed and t < shp.retry_rounds:
+                    continue
                 shown = {**setting, "spread_rounds": upto[-1], "retry_rounds": t}
                 rows.append(
                     {"setting": shown, **measure(shown, f"s{k}t{t}"), "write_s": t_write,
                      "retried": len(failed)}  # fmt: skip
                 )
-                print(json.dumps(rows[-1]), flush=True)
+                print(json.dumps(brief(rows[-1])), flush=True)
                 if not failed:
                     break
         finally:
@@ -269,6 +298,15 @@ def main() -> None:
             + " |"
             + ge_cell
         )
+    if gen_cases:
+        # Each case's texts are seeded by its id, so the change is paired case by case; its
+        # standard error is what a difference between two rows must beat.
+        print("GE change against the unedited model, paired over the same cases (mean ± SE):")
+        for r in rows:
+            line = f"- `{json.dumps(r['setting'])}`: {paired_change(r['pre_GE_cases'], r['GE_cases'])}"
+            if bystanders:
+                line += f"; unedited cases {paired_change(r['pre_GE_unedited_cases'], r['GE_unedited_cases'])}"
+            print(line)
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -19,14 +19,28 @@ def test_memit_sweep_smoke(tmp_path, data_dir):
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "memit_sweep.py"), "--n", "2", "--offset", "2000",
          "--threads", "1", "--measure", "1", "--gen-sample", "2", "--gen-unedited", "1", "--hparams", json.dumps(hp),
-         "--set", '{"retry_rounds": 1}', "--json", str(out)],
+         "--set", '{"retry_rounds": 2}', "--final-only", "--json", str(out)],
         capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert len(rows) == 1 and rows[0]["setting"]["retry_rounds"] == 1
+    # --final-only: one row, after the last retry that ran (the second, or the first if it
+    # left no failure).
+    assert len(rows) == 1 and rows[0]["setting"]["retry_rounds"] in (1, 2), rows
     for key in ("ES", "PS", "NS", "GE", "pre_GE", "GE_unedited", "pre_GE_unedited"):
         assert 0 <= rows[0][key] <= 10, (key, rows[0])
     assert "GE of 1 unedited cases" in proc.stdout
     # GE's sample is drawn from every edited case, not only the ones --measure keeps.
     assert ", 2 cases)" in proc.stdout, proc.stdout[-2000:]
+    # Per-case GE, paired with the unedited model's over the same cases.
+    assert len(rows[0]["GE_cases"]) == len(rows[0]["pre_GE_cases"]) == 2
+    assert "paired over the same cases" in proc.stdout
+
+
+def test_paired_change():
+    sys.path.insert(0, str(REPO / "bench"))
+    from memit_sweep import paired_change
+
+    # differences -0.1 and -0.3: mean -0.2 (-3.3 % of 6.0), SE 0.1414 / sqrt(2) = 0.1 (1.7 %)
+    assert paired_change([6.0, 6.0], [5.9, 5.7]) == "-3.3 % ± 1.7 %"
+    assert paired_change([6.0, 6.0], [6.0, 6.0]) == "+0.0 % ± 0.0 %"
