@@ -82,11 +82,12 @@ def cached_values(
 def paired_change(before: list[float], after: list[float]) -> str:
     """The mean relative change from ``before`` to ``after`` (same cases, same order) with the
     standard error of the paired differences, both in percent of the mean before."""
-    n = len(before)
-    diffs = [b - a for a, b in zip(before, after, strict=True)]
-    mean_before, mean_diff = sum(before) / n, sum(diffs) / n
-    se = (sum((d - mean_diff) ** 2 for d in diffs) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
-    return f"{100 * mean_diff / mean_before:+.1f} % ± {100 * se / mean_before:.1f} %"
+    from factedit.evaluate.metrics import mean_ci
+
+    diff = mean_ci([b - a for a, b in zip(before, after, strict=True)])
+    base = mean_ci(before).mean
+    se = diff.ci95 / 1.96  # mean_ci gives the 95 % half-width, 1.96 standard errors
+    return f"{100 * diff.mean / base:+.1f} % ± {100 * se / base:.1f} %"
 
 
 def main() -> None:
@@ -147,6 +148,7 @@ def main() -> None:
     from factedit.arch import describe
     from factedit.evaluate import generation_entropy, load_dataset, make_config
     from factedit.evaluate.batch import _record
+    from factedit.evaluate.metrics import mean_ci
     from factedit.evaluate.runner import (
         _append,
         _json_id,
@@ -192,7 +194,7 @@ def main() -> None:
         return [generation_entropy(case_generations(model, tok, c, cfg).texts) for c in sample]
 
     def mean(xs: list[float]) -> float:
-        return sum(xs) / len(xs) if xs else float("nan")
+        return mean_ci(xs).mean  # NaN for an empty sample
 
     pre_ge_cases = fluency()
     pre_ge_unedited_cases = fluency(bystanders)

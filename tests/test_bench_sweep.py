@@ -38,7 +38,7 @@ def test_memit_sweep_smoke(tmp_path, data_dir):
 
 
 def test_paired_change():
-    sys.path.insert(0, str(REPO / "bench"))
+    sys.path.insert(0, str(REPO / "bench"))  # bench/ is scripts, not a package
     from memit_sweep import paired_change
 
     # differences -0.1 and -0.3: mean -0.2 (-3.3 % of 6.0), SE 0.1414 / sqrt(2) = 0.1 (1.7 %)
