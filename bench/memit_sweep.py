@@ -82,12 +82,11 @@ def cached_values(
 def paired_change(before: list[float], after: list[float]) -> str:
     """The mean relative change from ``before`` to ``after`` (same cases, same order) with the
     standard error of the paired differences, both in percent of the mean before."""
-    from factedit.evaluate.metrics import mean_ci
+    from factedit.evaluate.metrics import relative_change
 
-    diff = mean_ci([b - a for a, b in zip(before, after, strict=True)])
-    base = mean_ci(before).mean
-    se = diff.ci95 / 1.96  # mean_ci gives the 95 % half-width, 1.96 standard errors
-    return f"{100 * diff.mean / base:+.1f} % ± {100 * se / base:.1f} %"
+    rel = relative_change(before, after)
+    se = rel.ci95 / 1.96  # the 95 % half-width is 1.96 standard errors
+    return f"{100 * rel.mean:+.1f} % ± {100 * se:.1f} %"
 
 
 def main() -> None:

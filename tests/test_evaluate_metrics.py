@@ -15,7 +15,10 @@ from factedit.evaluate.metrics import (
     harmonic_mean,
     mean_ci,
     ngram_entropy,
+    paired_changes,
+    paired_difference,
     prob_margin,
+    relative_change,
     success_rate,
     summarize_cases,
     words,
@@ -106,6 +109,28 @@ def test_mean_ci_and_summary():
     assert s["GE"].n == 1
     boot = bootstrap_harmonic_ci([[1.0, 1.0, 0.0, 1.0], [1.0, 0.5, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
     assert boot.ci95 > 0 and boot.n == 4
+
+
+def test_paired_change_by_hand():
+    # Differences -0.1 and -0.3: mean -0.2, sample sd sqrt(0.02), half-width 1.96 * 0.1.
+    d = paired_difference([6.0, 6.0, None], [5.9, 5.7, 4.0])
+    assert (d.mean, d.n) == (pytest.approx(-0.2), 2) and d.ci95 == pytest.approx(0.196)
+    # Pairing removes what cases share: two cases far apart that both lose 0.2 exactly have an
+    # unpaired CI far wider than the change, and a paired one of 0.
+    far = paired_difference([2.0, 8.0], [1.8, 7.8])
+    assert far.mean == pytest.approx(-0.2) and far.ci95 == pytest.approx(0.0, abs=1e-12)
+    assert mean_ci([1.8, 7.8]).ci95 > 5
+    rel = relative_change([6.0, 6.0, float("nan")], [5.9, 5.7, 1.0])  # NaN pairs are skipped
+    assert rel.mean == pytest.approx(-0.2 / 6) and rel.ci95 == pytest.approx(0.196 / 6)
+    assert math.isnan(relative_change([0.0, 0.0], [1.0, 1.0]).mean)
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_difference([1.0], [1.0, 2.0])
+    pre = [{"ES": 0.0, "GE": 6.0, "Score": 0.1}, {"ES": 1.0}]
+    post = [{"ES": 1.0, "GE": 5.4}, {"ES": 1.0}]
+    ch = paired_changes(pre, post)
+    assert set(ch) == {"ES", "GE"}  # Score has no per-case value
+    assert ch["ES"].mean == pytest.approx(0.5) and ch["ES"].n == 2
+    assert ch["GE"].mean == pytest.approx(-0.6) and ch["GE"].n == 1
 
 
 def test_tfidf_by_hand(tmp_path):

@@ -19,6 +19,7 @@ from factedit.evaluate import (
     make_config,
     read_results,
     run_evaluation,
+    summarize,
 )
 from factedit.evaluate.tfidf import load_reference_scorer
 from factedit.methods.base import EditResult, WeightEditor
@@ -115,7 +116,30 @@ def test_records_resume_and_config_check(model, tok, flat_path, tmp_path, unchan
     with pytest.raises(ConfigMismatchError, match="format_version"):
         run_evaluation(model, tok, cases, cfg, old, edit_fn=toy, progress=False)
     md = summary.to_markdown()
-    assert "| ES |" in md and "± " in md
+    assert "| ES |" in md and "± " in md and "change, paired" in md
+    # The paired change is the mean of each case's own change.
+    em = [r["post"]["EM"] - r["pre"]["EM"] for r in res.cases]
+    assert summary.change["EM"].mean == pytest.approx(sum(em) / len(em))
+    assert "Score" not in summary.change and summary.to_dict()["change"]["EM"]["n"] == 2
+
+
+def test_summary_paired_change_and_relative_fluency(tmp_path):
+    """GE's change is shown signed, paired and in percent of GE before (the bars' "GE drop")."""
+    out = tmp_path / "hand.jsonl"
+    rows = [{"type": "header", "config": {"method": "m", "model": "x", "dataset": "d.json"}}]
+    for i, (ge0, ge1, es0, es1) in enumerate([(6.0, 5.9, 0.0, 1.0), (6.0, 5.7, 0.0, 1.0), (5.0, 5.0, 1.0, 1.0)]):
+        pre, post = {"ES": es0}, {"ES": es1}
+        if i < 2:  # GE on a sample of two cases
+            pre["GE"], post["GE"] = ge0, ge1
+        rows.append({"type": "case", "case_id": i, "pre": pre, "post": post, "seconds": {}})
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = summarize(read_results(out))
+    assert s.change["GE"].n == 2 and s.change["GE"].mean == pytest.approx(-0.2)
+    assert s.relative_change["GE"].mean == pytest.approx(-0.2 / 6.0)
+    assert s.change["ES"].n == 3 and s.change["ES"].mean == pytest.approx(2 / 3)
+    md = s.to_markdown()
+    assert "| GE | 6.00 ± 0.00 | 5.80 ± 0.20 | -0.20 ± 0.20 (-3.3 % ± 3.3 %) |" in md
+    assert "| ES | 33.3 ± " in md and "| +66.7 ± " in md
 
 
 def test_sequential_keeps_edits_until_the_end(model, tok, flat_path, tmp_path, unchanged_after):

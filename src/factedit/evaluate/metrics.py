@@ -320,6 +320,57 @@ def summarize_cases(
     return out
 
 
+def _number(x: float | None) -> bool:
+    return x is not None and not math.isnan(x)
+
+
+def paired_difference(before: Sequence[float | None], after: Sequence[float | None]) -> Estimate:
+    """Mean of ``after[i] - before[i]`` over the pairs where both are numbers, with the 95 %
+    half-width of those differences (:func:`mean_ci`).
+
+    Pairing removes what the cases share before and after (a hard case stays hard), so this
+    half-width is the one a change must beat; it is usually far tighter than the two
+    unpaired ones side by side. Raises ``ValueError`` if the sequences differ in length.
+    """
+    _paired_lengths(before, after)
+    return mean_ci([b - a for a, b in zip(before, after, strict=True) if _number(a) and _number(b)])
+
+
+def relative_change(before: Sequence[float | None], after: Sequence[float | None]) -> Estimate:
+    """:func:`paired_difference` as a fraction of the mean of ``before`` over the same pairs
+    (e.g. ``-0.02`` with half-width ``0.006``: a 2 % drop, ± 0.6 %). NaN when there is no pair
+    or that mean is 0."""
+    _paired_lengths(before, after)
+    pairs = [(a, b) for a, b in zip(before, after, strict=True) if _number(a) and _number(b)]
+    diff = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+    base = float(np.mean([a for a, _ in pairs])) if pairs else float("nan")
+    if not pairs or base == 0:
+        return Estimate(float("nan"), float("nan"), diff.n)
+    return Estimate(diff.mean / base, diff.ci95 / abs(base), diff.n)
+
+
+def paired_changes(
+    pre_rows: Sequence[Mapping[str, float]], post_rows: Sequence[Mapping[str, float]]
+) -> dict[str, Estimate]:
+    """Per metric, :func:`paired_difference` of the cases' values after against before (row
+    ``i`` of both is one case), over the cases that have the metric both times. ``Score``, a
+    harmonic mean of means, has no per-case value and is left out."""
+    _paired_lengths(pre_rows, post_rows)
+    names = [m for m in dict.fromkeys(k for r in pre_rows for k in r) if m != "Score"]
+    out: dict[str, Estimate] = {}
+    for m in names:
+        pairs = [(a.get(m), b.get(m)) for a, b in zip(pre_rows, post_rows, strict=True)]
+        est = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+        if est.n:
+            out[m] = est
+    return out
+
+
+def _paired_lengths(a: Sequence, b: Sequence) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"paired sequences differ in length ({len(a)} vs {len(b)})")
+
+
 def _same_length(a: Sequence, b: Sequence) -> None:
     if len(a) != len(b):
         raise ValueError(f"score lists differ in length ({len(a)} vs {len(b)})")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 import zlib
@@ -47,6 +48,8 @@ from .metrics import (
     counterfact_metrics,
     generation_entropy,
     mean_ci,
+    paired_changes,
+    relative_change,
     summarize_cases,
     table_format,
     zsre_metrics,
@@ -379,7 +382,14 @@ def config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 # ---- summary ---------------------------------------------------------------------------------
 @dataclass
 class Summary:
-    """Means and 95 % CIs per metric, before and after the edits."""
+    """Means and 95 % CIs per metric, before and after the edits.
+
+    ``change``: per metric, the mean change after against before, paired case by case, with
+    the 95 % CI of the differences (the CI a change must beat; the ``pre`` and ``post`` CIs
+    side by side overstate it, since they include how cases differ from each other).
+    ``relative_change``: the same for the fluency metrics, as a fraction of the mean before
+    over the same cases (the issue bars' "GE drop").
+    """
 
     kind: str
     n_cases: int
@@ -391,6 +401,8 @@ class Summary:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+    change: dict[str, Estimate] = field(default_factory=dict)
+    relative_change: dict[str, Estimate] = field(default_factory=dict)
 
     def metric_names(self) -> list[str]:
         order = ZSRE_METRICS if self.kind == "zsre" else COUNTERFACT_METRICS
@@ -408,6 +420,8 @@ class Summary:
             "ci": "95% normal approximation 1.96*sd/sqrt(n); Score: percentile bootstrap (1000 resamples)",
             "pre": {k: v.to_dict() for k, v in self.pre.items()},
             "post": {k: v.to_dict() for k, v in self.post.items()},
+            "change": {k: v.to_dict() for k, v in self.change.items()},
+            "relative_change": {k: v.to_dict() for k, v in self.relative_change.items()},
             "seconds_per_case": {k: v.to_dict() for k, v in self.seconds.items()},
             "checkpoints": self.checkpoints,
             "config": self.config,
@@ -416,7 +430,8 @@ class Summary:
         }
 
     def to_markdown(self) -> str:
-        """A Markdown table: metric | pre | post (percent for rates, ± the 95 % CI)."""
+        """A Markdown table: metric | pre | post | change (percent for rates, ± the 95 % CI;
+        the change paired case by case, for fluency also in percent of the value before)."""
         c = self.config
         lines = [
             f"**{c.get('method')}** on `{c.get('model')}`, {self.kind} `{Path(str(c.get('dataset'))).name}`: "
@@ -424,16 +439,21 @@ class Summary:
             + (f" ({self.n_errors} failed edits excluded)" if self.n_errors else "")
             + (", sequential" if c.get("sequential") else ""),
             "",
-            "| metric | pre | post |",
-            "| --- | ---: | ---: |",
+            "| metric | pre | post | change, paired |",
+            "| --- | ---: | ---: | ---: |",
         ]
         for m in self.metric_names():
             scale, digits = table_format(m)
-            pre = self.pre.get(m)
-            post = self.post.get(m)
-            lines.append(
-                f"| {m} | {pre.format(scale, digits) if pre else '-'} | {post.format(scale, digits) if post else '-'} |"
-            )
+            cells = [
+                est.format(scale, digits) if est else "-"
+                for est in (self.pre.get(m), self.post.get(m), self.change.get(m))
+            ]
+            if cells[2] != "-" and not cells[2].startswith(("-", "0.0 ", "0.00 ")):
+                cells[2] = "+" + cells[2]  # a change reads better signed
+            rel = self.relative_change.get(m)
+            if rel and cells[2] != "-" and not math.isnan(rel.mean):
+                cells[2] += f" ({rel.format(100.0, 1).replace(' ± ', ' % ± ')} %)"
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
         if self.seconds:
             lines += ["", "| seconds per case | mean ± 95 % CI |", "| --- | ---: |"]
             lines += [f"| {k} | {v.format(1.0, 2)} |" for k, v in self.seconds.items()]
@@ -451,7 +471,8 @@ class Summary:
                 lines.append(f"| {cp['n_edits']} | " + " | ".join(cells) + " |")
         lines += [
             "",
-            "Rates in %, ± half-width of the 95 % CI (normal approximation; Score: bootstrap).",
+            "Rates in %, ± half-width of the 95 % CI (normal approximation; Score: bootstrap); "
+            "the change is post − pre case by case, its CI that of the differences.",
         ]
         e = self.environment
         if e:
@@ -495,8 +516,14 @@ def summarize(results: ResultsFile, case_ids: Sequence[Any] | None = None) -> Su
             "Specificity: agreement of post- with pre-edit argmax tokens on the NQ answer (MEMIT/EasyEdit)."
         )
     env = dict(results.header.get("environment") or {}) if results.header else {}
+    change = paired_changes([c["pre"] for c in ok], [c["post"] for c in ok])
+    relative = {
+        m: relative_change([c["pre"].get(m) for c in ok], [c["post"].get(m) for c in ok])
+        for m in GENERATION_METRICS
+        if m in change
+    }
     return Summary(kind, len(ok), len(rows) - len(ok), pre, post, seconds, config,
-                   results.checkpoints, notes, env)  # fmt: skip
+                   results.checkpoints, notes, env, change, relative)  # fmt: skip
 
 
 # ---- the run ---------------------------------------------------------------------------------
