@@ -448,7 +448,7 @@ class Summary:
                 est.format(scale, digits) if est else "-"
                 for est in (self.pre.get(m), self.post.get(m), self.change.get(m))
             ]
-            if cells[2] != "-" and not cells[2].startswith(("-", "0.0 ", "0.00 ")):
+            if cells[2] != "-" and float(cells[2].split()[0]) > 0:
                 cells[2] = "+" + cells[2]  # a change reads better signed
             rel = self.relative_change.get(m)
             if rel and cells[2] != "-" and not math.isnan(rel.mean):
