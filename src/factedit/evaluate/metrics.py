@@ -244,19 +244,24 @@ class Estimate:
     ci95: float
     n: int
 
-    def format(self, scale: float = 1.0, digits: int = 1) -> str:
-        """``"mean ± ci"`` scaled (e.g. 100 for percent); ``"-"`` when there is no value."""
+    def format(self, scale: float = 1.0, digits: int = 1, *, signed: bool = False, unit: str = "") -> str:
+        """``"mean ± ci"`` scaled (e.g. 100 for percent); ``"-"`` when there is no value.
+        ``signed``: a "+" before a mean that shows above 0 (for changes); ``unit`` follows
+        both numbers (``"-3.3 % ± 3.3 %"``)."""
         if self.n == 0 or math.isnan(self.mean):
             return "-"
 
         def num(x: float) -> str:
             text = f"{x * scale:.{digits}f}"
             # "-0.0" would suggest a sign the rounded value does not have.
-            return text[1:] if text.startswith("-") and float(text) == 0 else text
+            return (text[1:] if text.startswith("-") and float(text) == 0 else text) + unit
 
+        mean = num(self.mean)
+        if signed and float(mean.removesuffix(unit)) > 0:
+            mean = "+" + mean
         if self.n < 2 or math.isnan(self.ci95):
-            return num(self.mean)
-        return f"{num(self.mean)} ± {num(self.ci95)}"
+            return mean
+        return f"{mean} ± {num(self.ci95)}"
 
     def to_dict(self) -> dict[str, float | int | None]:
         """JSON-ready: NaN (no value, or no CI for a single case) becomes ``None``."""
@@ -320,8 +325,16 @@ def summarize_cases(
     return out
 
 
-def _number(x: float | None) -> bool:
-    return x is not None and not math.isnan(x)
+def _pairs(before: Sequence[float | None], after: Sequence[float | None]) -> list[tuple[float, float]]:
+    """The ``(before[i], after[i])`` where both are numbers (not None, not NaN); a
+    ``ValueError`` naming both lengths if the sequences differ in length."""
+    if len(before) != len(after):
+        raise ValueError(f"paired sequences differ in length ({len(before)} vs {len(after)})")
+    return [
+        (a, b)
+        for a, b in zip(before, after, strict=True)
+        if a is not None and b is not None and not (math.isnan(a) or math.isnan(b))
+    ]
 
 
 def paired_difference(before: Sequence[float | None], after: Sequence[float | None]) -> Estimate:
@@ -329,22 +342,20 @@ def paired_difference(before: Sequence[float | None], after: Sequence[float | No
     half-width of those differences (:func:`mean_ci`).
 
     Pairing removes what the cases share before and after (a hard case stays hard), so this
-    half-width is the one a change must beat; it is usually far tighter than the two
-    unpaired ones side by side. Raises ``ValueError`` if the sequences differ in length.
+    half-width is the one a change must beat, rather than the two unpaired ones side by side.
+    Raises ``ValueError`` if the sequences differ in length.
     """
-    _paired_lengths(before, after)
-    return mean_ci([b - a for a, b in zip(before, after, strict=True) if _number(a) and _number(b)])
+    return mean_ci([b - a for a, b in _pairs(before, after)])
 
 
 def relative_change(before: Sequence[float | None], after: Sequence[float | None]) -> Estimate:
     """:func:`paired_difference` as a fraction of the mean of ``before`` over the same pairs
     (e.g. ``-0.02`` with half-width ``0.006``: a 2 % drop, ± 0.6 %). NaN when there is no pair
     or that mean is 0."""
-    _paired_lengths(before, after)
-    pairs = [(a, b) for a, b in zip(before, after, strict=True) if _number(a) and _number(b)]
-    diff = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
-    base = float(np.mean([a for a, _ in pairs])) if pairs else float("nan")
-    if not pairs or base == 0:
+    pairs = _pairs(before, after)
+    diff = mean_ci([b - a for a, b in pairs])
+    base = float(np.mean([a for a, _ in pairs])) if pairs else 0.0
+    if base == 0:
         return Estimate(float("nan"), float("nan"), diff.n)
     return Estimate(diff.mean / base, diff.ci95 / abs(base), diff.n)
 
@@ -355,20 +366,13 @@ def paired_changes(
     """Per metric, :func:`paired_difference` of the cases' values after against before (row
     ``i`` of both is one case), over the cases that have the metric both times. ``Score``, a
     harmonic mean of means, has no per-case value and is left out."""
-    _paired_lengths(pre_rows, post_rows)
     names = [m for m in dict.fromkeys(k for r in pre_rows for k in r) if m != "Score"]
     out: dict[str, Estimate] = {}
     for m in names:
-        pairs = [(a.get(m), b.get(m)) for a, b in zip(pre_rows, post_rows, strict=True)]
-        est = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+        est = paired_difference([r.get(m) for r in pre_rows], [r.get(m) for r in post_rows])
         if est.n:
             out[m] = est
     return out
-
-
-def _paired_lengths(a: Sequence, b: Sequence) -> None:
-    if len(a) != len(b):
-        raise ValueError(f"paired sequences differ in length ({len(a)} vs {len(b)})")
 
 
 def _same_length(a: Sequence, b: Sequence) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 import zlib
@@ -444,16 +443,13 @@ class Summary:
         ]
         for m in self.metric_names():
             scale, digits = table_format(m)
-            cells = [
-                est.format(scale, digits) if est else "-"
-                for est in (self.pre.get(m), self.post.get(m), self.change.get(m))
-            ]
-            if cells[2] != "-" and float(cells[2].split()[0]) > 0:
-                cells[2] = "+" + cells[2]  # a change reads better signed
-            rel = self.relative_change.get(m)
-            if rel and cells[2] != "-" and not math.isnan(rel.mean):
-                cells[2] += f" ({rel.format(100.0, 1).replace(' ± ', ' % ± ')} %)"
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            none = Estimate(float("nan"), float("nan"), 0)  # shows as "-"
+            change = self.change.get(m, none).format(scale, digits, signed=True)
+            rel = self.relative_change.get(m, none).format(100.0, 1, signed=True, unit=" %")
+            if change != "-" and rel != "-":
+                change += f" ({rel})"
+            pre, post = (e.get(m, none).format(scale, digits) for e in (self.pre, self.post))
+            lines.append(f"| {m} | {pre} | {post} | {change} |")
         if self.seconds:
             lines += ["", "| seconds per case | mean ± 95 % CI |", "| --- | ---: |"]
             lines += [f"| {k} | {v.format(1.0, 2)} |" for k, v in self.seconds.items()]
