@@ -1,9 +1,11 @@
 """Choose MEMIT's (or AlphaEdit's, EMMET's) update hyperparameters at a large batch, cheaply.
 
 The values (δ for every request: nearly all of an edit's cost) depend only on the model, the
-requests and the top layer, not on λ, α or the lower layers of the range. This script optimises
-them once, then for each setting writes the batch (keys and updates only), measures every case
-(ES/PS/NS and margins, no generations) and restores the weights bit-for-bit before the next.
+requests, the top layer and the value-stage fields (``VALUE_FIELDS``: clamp, KL weight, early
+stop, context templates, ...), not on λ, α or the lower layers of the range. This script
+optimises them once per distinct value stage (settings that leave those fields alone share the
+base values), then for each setting writes the batch (keys and updates only), measures every
+case (ES/PS/NS and margins, no generations) and restores the weights bit-for-bit before the next.
 
     python bench/memit_sweep.py --n 500 --offset 2000 --data counterfact-train.json \
         --set '{"mom2_update_weight": 500}' --set '{"mom2_update_weight": 150}' \
@@ -34,6 +36,19 @@ sys.path.insert(0, str(REPO))
 from bench_mass_editing import data_path  # noqa: E402
 
 METRICS = ("ES", "PS", "NS", "EM", "PM", "ES-acc", "PS-acc")
+
+
+# The hyperparameters the values (δ and z) depend on; every other field acts on the writes.
+VALUE_FIELDS = frozenset({
+    "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "kl_prompts",
+    "early_stop_loss", "value_dtype", "replay_lower_layers", "value_margin", "value_batch_size",
+    "context_templates", "template_seed",
+})  # fmt: skip
+
+
+def value_fields(setting: dict) -> dict:
+    """The part of a setting that changes the values (see ``VALUE_FIELDS``)."""
+    return {k: v for k, v in setting.items() if k in VALUE_FIELDS}
 
 
 def cached_values(
@@ -199,12 +214,9 @@ def main() -> None:
     pre_ge_unedited_cases = fluency(bystanders)
     pre_ge, pre_ge_unedited = mean(pre_ge_cases), mean(pre_ge_unedited_cases)
     t_pre = time.perf_counter() - t0
-    templates = context_templates(model, tok, hp, context)
     from factedit.methods.memit import Write, probe
 
     _, old_first = probe(model, tok, requests)  # for retry rounds: the tokens to beat
-    with timer("value"):
-        z = cached_values(args.cache, model, tok, requests, hp, arch, templates)
     rows = []
     tmp = tempfile.TemporaryDirectory()
 
@@ -241,6 +253,12 @@ def main() -> None:
         upto = sorted(args.rounds) if args.rounds else [shp.spread_rounds]
         # With retries and no --rounds, only the rows after retries are measured.
         measured_rounds = upto if args.rounds or not shp.retry_rounds else []
+        # The values depend only on the value-stage fields: settings that leave those alone
+        # share the base values (and their cache file); the others get their own.
+        vhp = resolve_hparams(method, model, {**base, **value_fields(setting)}, arch)
+        templates = context_templates(model, tok, vhp, context)
+        with timer("value"):
+            z = cached_values(args.cache, model, tok, requests, vhp, arch, templates)
         ctx = EditContext(progress=False)  # a fresh context: AlphaEdit keeps no earlier keys
         mom2 = base_stats(model, tok, shp.layers, arch, ctx, shp.mom2_tokens)
         editor = WeightEditor(model)
@@ -279,7 +297,7 @@ def main() -> None:
             editor.restore()
     print()
     print(f"{args.method} sweep: {len(cases)} edits of {path.name}[{args.offset}:{args.offset + len(cases)}] in one "
-          f"batch ({len(measured)} measured); values once in {timings['value']:.0f} s; pre-edit measures "
+          f"batch ({len(measured)} measured); values in {timings['value']:.0f} s; pre-edit measures "
           f"{t_pre:.0f} s; torch threads "
           f"{torch.get_num_threads()}")  # fmt: skip
     ge_head = f" GE (pre {pre_ge:.2f}, {len(gen_cases)} cases) |" if gen_cases else ""
