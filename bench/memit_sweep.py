@@ -240,6 +240,7 @@ def main() -> None:
     def brief(row: dict) -> dict:
         return {k: v for k, v in row.items() if not k.endswith("_cases")}
 
+    values: dict[str, Any] = {}  # value-stage fields (JSON) -> (templates, z)
     for k, setting in enumerate([json.loads(s) for s in args.set] or [{}]):
         shp = resolve_hparams(method, model, {**base, **setting}, arch)
         method.check(shp, arch)
@@ -255,10 +256,15 @@ def main() -> None:
         measured_rounds = upto if args.rounds or not shp.retry_rounds else []
         # The values depend only on the value-stage fields: settings that leave those alone
         # share the base values (and their cache file); the others get their own.
-        vhp = resolve_hparams(method, model, {**base, **value_fields(setting)}, arch)
-        templates = context_templates(model, tok, vhp, context)
-        with timer("value"):
-            z = cached_values(args.cache, model, tok, requests, vhp, arch, templates)
+        # Kept for the run too, so that without --cache they are not optimised again.
+        vkey = json.dumps(value_fields(setting), sort_keys=True)
+        if vkey not in values:
+            vhp = resolve_hparams(method, model, {**base, **value_fields(setting)}, arch)
+            templates = context_templates(model, tok, vhp, context)
+            with timer("value"):
+                z = cached_values(args.cache, model, tok, requests, vhp, arch, templates)
+            values[vkey] = templates, z
+        templates, z = values[vkey]  # the retries write with the templates of their values
         ctx = EditContext(progress=False)  # a fresh context: AlphaEdit keeps no earlier keys
         mom2 = base_stats(model, tok, shp.layers, arch, ctx, shp.mom2_tokens)
         editor = WeightEditor(model)
