@@ -150,6 +150,13 @@ def main() -> None:
     )
     ap.add_argument("--json", default=None, help="write the summaries here (with per-case GE)")
     ap.add_argument(
+        "--gen-batch-rows",
+        type=int,
+        default=128,
+        help="sample the GE texts of several cases in one batch of up to this many rows, each case from its own "
+        "seed (0: one case per call, as runs before stop 41 did)",
+    )
+    ap.add_argument(
         "--cache",
         default=None,
         help="folder for the optimised values, keyed on the weights, requests, templates and "
@@ -167,6 +174,7 @@ def main() -> None:
         _append,
         _json_id,
         case_generations,
+        many_case_generations,
         measure_case,
         read_results,
         summarize,
@@ -205,7 +213,11 @@ def main() -> None:
     def fluency(sample: list = gen_cases) -> list[float]:
         """GE of each case of a generation sample (seeded per case, so settings differ only by
         the edit, and two settings' lists pair case by case)."""
-        return [generation_entropy(case_generations(model, tok, c, cfg).texts) for c in sample]
+        if args.gen_batch_rows > 0:
+            gens = many_case_generations(model, tok, sample, cfg, batch_rows=args.gen_batch_rows)
+        else:
+            gens = [case_generations(model, tok, c, cfg) for c in sample]
+        return [generation_entropy(g.texts) for g in gens]
 
     def mean(xs: list[float]) -> float:
         return mean_ci(xs).mean  # NaN for an empty sample

@@ -6,10 +6,12 @@ import torch
 
 from factedit.arch import describe
 from factedit.generation import (
+    GenerationGroup,
     end_token_ids,
     format_lens,
     generate,
     generate_full_length,
+    generate_full_length_groups,
     logit_lens,
 )
 
@@ -74,6 +76,40 @@ def test_full_length_generation_goes_past_end_of_sequence(model, tok):
     # Without an end token in the samples the two agree.
     plain = generate_full_length(model, tok, prompts[:1], max_new_tokens=5, top_k=None)
     assert plain.texts == plain.ended == generate(model, tok, prompts[:1], max_new_tokens=5)
+
+
+def test_groups_batched_give_each_group_its_own_seeded_samples(model, tok):
+    groups = [
+        GenerationGroup(["Apple was founded by", "The Beatles were a band from"], 30, 11),
+        GenerationGroup([EIFFEL], 18, 12),  # another length: cut from the longer batch
+        GenerationGroup([], 10, 13),
+        GenerationGroup(["My favourite food is", "My favourite food is"], 30, 11),
+        GenerationGroup(["The capital of Japan is", "Steve Jobs was the founder of"], 25, 14),
+    ]
+    alone = [generate_full_length(model, tok, g.prompts, max_new_tokens=g.max_new_tokens, top_k=5, seed=g.seed)
+             for g in groups]  # fmt: skip
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    together = generate_full_length_groups(model, tok, groups, top_k=5, batch_rows=64)
+    assert torch.equal(torch.get_rng_state(), before), "grouped sampling changed the global RNG"
+    # Packed three rows at most: groups split over calls, a call holding whole groups only.
+    packed = generate_full_length_groups(model, tok, groups, top_k=5, batch_rows=3)
+    assert together[2].texts == [] and packed[2].texts == []
+    n = sum(len(g.prompts) for g in groups)
+    for got in (together, packed):
+        assert [len(g.texts) for g in got] == [len(g.prompts) for g in groups]
+        same = sum(a == b for x, y in zip(got, alone, strict=True) for a, b in zip(x.texts, y.texts, strict=True))
+        # A larger padded batch moves the logits by ~1e-6, which flips a draw only when it
+        # falls at a probability boundary: nearly every text is the one its group gets alone.
+        assert same >= n - 1, f"{n - same} of {n} texts differ from the group's own samples"
+        assert all(x.ended == y.ended or x.texts != y.texts for x, y in zip(got, alone, strict=True))
+    # It samples: the two rows of one group with the same prompt draw different texts.
+    assert together[3].texts[0] != together[3].texts[1]
+    # Greedy is the same in both, exactly.
+    greedy = generate_full_length_groups(model, tok, groups[:2], top_k=None)
+    assert [g.texts for g in greedy] == [
+        generate_full_length(model, tok, g.prompts, max_new_tokens=g.max_new_tokens).texts for g in groups[:2]
+    ]
 
 
 def test_top_k_one_is_greedy(model, tok):

@@ -608,6 +608,41 @@ def test_batch_evaluation_sequential_measures_all_at_the_end(model, tok, pristin
         run_batch_evaluation(model, tok, cases, cfg, out, batch_size=2, hparams=SMALL, progress=False)
 
 
+def test_batch_evaluation_generates_for_the_sample_across_cases(model, tok, pristine_state, data_dir, tmp_path):
+    """The GE sample's texts are generated many cases per call (each case from its own seed)
+    and are the ones a case generated alone gets; the pre-edit cache skips them next time."""
+    from factedit.evaluate import load_dataset, make_config, read_results
+    from factedit.evaluate.batch import generation_sample, run_batch_evaluation
+    from factedit.evaluate.runner import case_generations
+
+    path = data_dir / "counterfact" / "counterfact_dev.json"
+    cases = load_dataset(path, limit=7)[4:7]
+    cfg = make_config(model, method="memit", hparams=SMALL, model_name="smollm2", dataset=path,
+                      kind="counterfact", gen_length=40)  # fmt: skip
+    sample = generation_sample(cases, 2, cfg.seed)
+    run = dict(batch_size=3, hparams=SMALL, progress=False, gen_sample=2, pre_cache=tmp_path / "pre", gen_batch_rows=8)
+    summary = run_batch_evaluation(model, tok, cases, cfg, tmp_path / "a.jsonl", **run)
+    assert_weights_equal(model, pristine_state)
+    res = read_results(tmp_path / "a.jsonl")
+    with_gen = {c["case_id"] for c in res.cases if "GE" in c["pre"]}
+    assert with_gen == sample and all("GE" in c["post"] for c in res.cases if c["case_id"] in sample)
+    by_id = {c.case_id: c for c in cases}
+    same = total = 0
+    for rec in res.cases:
+        if rec["case_id"] in sample:
+            alone = case_generations(model, tok, by_id[rec["case_id"]], cfg).texts
+            same += sum(a == b for a, b in zip(rec["generations"]["pre"], alone, strict=True))
+            total += len(alone)
+    # Batching moves the logits by ~1e-6; a draw at a probability boundary may flip, rarely.
+    assert total == 20 and same >= total - 1
+    assert summary.post["ES"].mean > summary.pre["ES"].mean
+    # A second run reads the pre-edit measurements, generations included, from the cache.
+    run_batch_evaluation(model, tok, cases, cfg, tmp_path / "b.jsonl", **run)
+    again = read_results(tmp_path / "b.jsonl")
+    for a, b in zip(res.cases, again.cases, strict=True):
+        assert a["pre"] == b["pre"] and b["seconds"]["pre_eval"] == 0
+
+
 @pytest.mark.parametrize("arch_name", ["gpt2", "llama"])
 @pytest.mark.parametrize("method", ["memit", "alphaedit", "emmet"])
 def test_mass_editing_runs_on_tiny_architectures(tok, arch_name, method, tmp_path):

@@ -72,15 +72,145 @@ def generate_full_length(
     if not batch:
         return FullLengthGenerations([], [])
     new = _generate_ids(model, tok, batch, max_new_tokens, top_k, seed, temperature, stop_at_eos=False)
-    ends = set(end_token_ids(model, tok))
+    return _full_length_texts(tok, batch, new.tolist(), set(end_token_ids(model, tok)))
+
+
+def _full_length_texts(tok, prompts: Sequence[str], new: list[list[int]], ends: set[int]) -> FullLengthGenerations:
+    """Each prompt with its new tokens, whole and cut after the first end token."""
     texts, ended = [], []
-    for p, ids in zip(batch, new.tolist(), strict=True):
+    for p, ids in zip(prompts, new, strict=True):
         # Up to and including the end token, decoded as generate() decodes it (a special
         # token drops out of the text).
         cut = next((i + 1 for i, t in enumerate(ids) if t in ends), len(ids))
         texts.append(p + tok.decode(ids, skip_special_tokens=True))
         ended.append(p + tok.decode(ids[:cut], skip_special_tokens=True))
     return FullLengthGenerations(texts, ended)
+
+
+@dataclass(frozen=True)
+class GenerationGroup:
+    """Prompts sampled together under one seed (one evaluation case's generation prompts)."""
+
+    prompts: Sequence[str]
+    max_new_tokens: int
+    seed: int
+
+
+class _GroupSampler:
+    """A logits processor that draws each row's next token itself, every group of rows from
+    its own generator, and hands ``generate`` a score row that is ``-inf`` everywhere but the
+    drawn token (so greedy decoding takes it). The draws are those of ``generate``'s own
+    sampler on the group alone: top-k filtering, a softmax in float32 and one
+    ``torch.multinomial`` call per group and step, in row order."""
+
+    def __init__(self, groups: list[tuple[int, int, torch.Generator]], top_k: int, temperature: float) -> None:
+        self.groups = groups
+        self.top_k = top_k
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        k = min(self.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k).values[..., -1, None]
+        probs = torch.softmax(scores.masked_fill(scores < kth, float("-inf")), dim=-1)
+        chosen = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+        for start, stop, gen in self.groups:
+            chosen[start:stop] = torch.multinomial(probs[start:stop], 1, generator=gen).squeeze(1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, chosen[:, None], 0.0)
+
+
+@torch.no_grad()
+def generate_full_length_groups(
+    model: nn.Module,
+    tok,
+    groups: Sequence[GenerationGroup],
+    *,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    batch_rows: int = 128,
+) -> list[FullLengthGenerations]:
+    """:func:`generate_full_length` for many groups of prompts in few ``generate`` calls.
+
+    Each group is continued for its own ``max_new_tokens`` and sampled from its own generator
+    seeded with its ``seed``, so it gets the samples ``generate_full_length(model, tok,
+    group.prompts, max_new_tokens=..., top_k=..., seed=group.seed)`` gives, up to the
+    floating-point effect of a larger padded batch on the logits (a draw that falls within
+    about 1e-6 of a token's probability boundary can go the other way; the equivalence test
+    counts such texts). Groups are packed whole into calls of at most ``batch_rows`` rows (a
+    larger group gets a call of its own): decoding a small model is bound by reading the
+    weights, so a call with many rows costs little more than one with two. Greedy when
+    ``top_k`` is ``None`` or 1. The global random state is not touched.
+    """
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be positive, got {batch_rows}")
+    out: list[FullLengthGenerations | None] = [None] * len(groups)
+    chunk: list[int] = []
+    rows = 0
+    for i, g in enumerate(groups):
+        n = len(g.prompts)
+        if chunk and rows + n > batch_rows:
+            _generate_group_chunk(model, tok, groups, chunk, out, top_k, temperature)
+            chunk, rows = [], 0
+        chunk.append(i)
+        rows += n
+    if chunk:
+        _generate_group_chunk(model, tok, groups, chunk, out, top_k, temperature)
+    return [o if o is not None else FullLengthGenerations([], []) for o in out]
+
+
+def _generate_group_chunk(
+    model: nn.Module,
+    tok,
+    groups: Sequence[GenerationGroup],
+    chunk: list[int],
+    out: list[FullLengthGenerations | None],
+    top_k: int | None,
+    temperature: float,
+) -> None:
+    """Generate the groups ``chunk`` (indices into ``groups``) in one call; fill ``out``."""
+    from transformers import LogitsProcessorList
+
+    prompts = [p for i in chunk for p in groups[i].prompts]
+    if not prompts:
+        return
+    device = model_device(model)
+    sampler = None
+    if top_k is not None and top_k > 1:
+        spans, start = [], 0
+        for i in chunk:
+            n = len(groups[i].prompts)
+            if n:
+                spans.append((start, start + n, torch.Generator(device=device).manual_seed(groups[i].seed)))
+            start += n
+        sampler = _GroupSampler(spans, top_k, temperature)
+    longest = max(groups[i].max_new_tokens for i in chunk)
+    enc = tok(prompts, return_tensors="pt", padding=True).to(device)
+    kwargs: dict = dict(
+        max_new_tokens=longest,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        use_cache=True,
+        eos_token_id=None,
+        # The sampler above draws; generate's own sampling settings must stay off.
+        top_k=None,
+        top_p=None,
+        temperature=None,
+    )
+    if sampler is not None:
+        kwargs["logits_processor"] = LogitsProcessorList([sampler])
+    new = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :].tolist()
+    ends = set(end_token_ids(model, tok))
+    row = 0
+    for i in chunk:
+        g = groups[i]
+        n = len(g.prompts)
+        # Sampling is causal, so the first max_new_tokens of a longer run are the samples a
+        # run of exactly max_new_tokens draws.
+        ids = [r[: g.max_new_tokens] for r in new[row : row + n]]
+        row += n
+        out[i] = _full_length_texts(tok, g.prompts, ids, ends)
 
 
 def end_token_ids(model: nn.Module, tok) -> list[int]:

@@ -37,6 +37,7 @@ from .runner import (
     _append,
     _json_id,
     config_differences,
+    many_case_generations,
     measure_case,
     read_results,
     scalar_diagnostics,
@@ -70,6 +71,7 @@ def run_batch_evaluation(
     overwrite: bool = False,
     context: Any = None,
     pre_cache: bool | str | Path = False,
+    gen_batch_rows: int = 128,
 ) -> Summary:
     """Evaluate ``config.method`` on ``cases`` edited ``batch_size`` at a time (see the module
     docstring; ``config.sequential`` chooses the protocol). Returns the :class:`Summary`.
@@ -78,6 +80,9 @@ def run_batch_evaluation(
     everything they depend on and stores the missing ones there (see
     :mod:`~factedit.evaluate.precache`; True: under factedit's cache folder). Not used with a
     caller's own ``reference_scorer``, which the key cannot name.
+
+    ``gen_batch_rows``: generation prompts of several cases are sampled in one batch of up to
+    this many rows, each case from its own seed (``many_case_generations``).
 
     Guarantees: the model's weights are the same on return (or exception) as on entry; a results
     file with another configuration raises :class:`ConfigMismatchError` unless ``overwrite``.
@@ -123,15 +128,33 @@ def run_batch_evaluation(
     bar = tqdm(total=3 * len(todo_cases), disable=not progress, desc=f"eval {config.method} (batches of {batch_size})",
                unit="case", dynamic_ncols=True)  # fmt: skip
 
-    def measure(case: EvalCase, pre: Any = None) -> Any:
-        gen = _json_id(case.case_id) in gen_ids
+    def measure_all(group: list[EvalCase], pres: dict[Any, Any] | None = None) -> list[Any]:
+        """Measure ``group`` on the model as it is (pre-edit when ``pres`` is None, read from
+        the cache where it has them). The generations of the sampled cases that need them are
+        made first, batched across cases (``gen_batch_rows``)."""
 
-        def now() -> Any:
-            return measure_case(model, tok, case, config, pre=pre, generation=gen, reference_scorer=reference_scorer)
+        def gen(c: EvalCase) -> bool:
+            return _json_id(c.case_id) in gen_ids and bool(c.generation_prompts)
 
-        m = now() if pre is not None else measure_before(cache, case.case_id, gen, now)
-        bar.update(1)
-        return m
+        need = [c for c in group if gen(c) and (pres is not None or cache is None or cache.get(c.case_id, True) is None)]
+        made: dict[Any, Any] = {}
+        if need:
+            bar.set_postfix_str(f"generating for {len(need)} cases")
+            gens = many_case_generations(model, tok, need, config, batch_rows=gen_batch_rows)
+            made = {_json_id(c.case_id): g for c, g in zip(need, gens, strict=True)}
+            bar.set_postfix_str("")
+        out = []
+        for case in group:
+            cid = _json_id(case.case_id)
+            pre = None if pres is None else pres[cid]
+
+            def now(case: EvalCase = case, pre: Any = pre, cid: Any = cid) -> Any:
+                return measure_case(model, tok, case, config, pre=pre, generation=cid in gen_ids,
+                                    reference_scorer=reference_scorer, generations=made.get(cid))  # fmt: skip
+
+            out.append(now() if pre is not None else measure_before(cache, case.case_id, cid in gen_ids, now))
+            bar.update(1)
+        return out
 
     session = EditSession(model, tok, method=config.method, hparams=hparams, context=context)
 
@@ -152,21 +175,20 @@ def run_batch_evaluation(
         return {_json_id(c.case_id): per_case for c in batch}
 
     try:
-        pres = {_json_id(c.case_id): measure(c) for c in todo_cases}
+        pres = {_json_id(c.case_id): m for c, m in zip(todo_cases, measure_all(todo_cases), strict=True)}
         if config.sequential:
             edit_seconds = {}
             for k, b in enumerate(todo):
                 edit_seconds.update(apply(k, b))
-            records = [
-                _record(c, pres, measure(c, pres[_json_id(c.case_id)]), edit_seconds, diagnostics) for c in todo_cases
-            ]
+            posts = measure_all(todo_cases, pres)
+            records = [_record(c, pres, post, edit_seconds, diagnostics) for c, post in zip(todo_cases, posts, strict=True)]
             for rec in records:
                 _append(out, rec)
         else:
             for k, b in enumerate(todo):
                 secs = apply(k, b)
                 try:
-                    posts = [measure(c, pres[_json_id(c.case_id)]) for c in b]
+                    posts = measure_all(b, pres)
                 finally:
                     session.revert_all()
                 for c, post in zip(b, posts, strict=True):

@@ -55,7 +55,7 @@ from .metrics import (
 )
 
 if TYPE_CHECKING:
-    from ..generation import FullLengthGenerations
+    from ..generation import FullLengthGenerations, GenerationGroup
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +248,15 @@ def measure_case(
     pre: Measurement | None = None,
     generation: bool | None = None,
     reference_scorer: Any = None,
+    generations: FullLengthGenerations | None = None,
 ) -> Measurement:
     """Metrics of ``case`` on the model as it is now.
 
     ``pre``: the measurement before the edit (gives the agreement metrics). ``generation``
     overrides ``config.generation``; generations are sampled top-k with a seed fixed per case,
-    so pre and post differ only by the edit.
+    so pre and post differ only by the edit. ``generations``: the case's generations made
+    already on this model (:func:`many_case_generations` batches many cases), used instead of
+    generating them here when generation is on.
     """
     t0 = time.perf_counter()
     rewrite, para, neigh = score_case(model, tok, case)
@@ -267,7 +270,7 @@ def measure_case(
     do_gen = config.generation if generation is None else generation
     if do_gen and case.generation_prompts:
         t1 = time.perf_counter()
-        gens = case_generations(model, tok, case, config)
+        gens = generations if generations is not None else case_generations(model, tok, case, config)
         metrics.update(generation_metrics(gens))
         texts = gens.texts
         if reference_scorer is not None:
@@ -278,18 +281,37 @@ def measure_case(
     return Measurement(metrics, neigh, seconds, texts)
 
 
+def _generation_group(tok: Any, case: EvalCase, config: EvalConfig) -> GenerationGroup:
+    """A case's generation prompts with their length and per-case seed (ROME generates until
+    the padded batch reaches ``gen_length`` tokens in total)."""
+    from ..generation import GenerationGroup
+
+    prompts = list(case.generation_prompts)
+    longest = max((len(tok(p)["input_ids"]) for p in prompts), default=0)
+    return GenerationGroup(prompts, max(1, config.gen_length - longest), case_seed(config.seed, case.case_id))
+
+
 def case_generations(model: nn.Module, tok: Any, case: EvalCase, config: EvalConfig) -> FullLengthGenerations:
     """The sampled continuations of ``case.generation_prompts`` (top-k, seeded per case, so
     the same case gives the same samples on the same weights), generated to full length as
     ROME's evaluation does, and the same cut at their first end-of-sequence token."""
     from ..generation import generate_full_length
 
-    prompts = list(case.generation_prompts)
-    longest = max(len(tok(p)["input_ids"]) for p in prompts)
-    # ROME generates until the padded batch reaches gen_length tokens in total.
-    new_tokens = max(1, config.gen_length - longest)
-    return generate_full_length(model, tok, prompts, max_new_tokens=new_tokens, top_k=config.gen_top_k,
-                                seed=case_seed(config.seed, case.case_id))  # fmt: skip
+    g = _generation_group(tok, case, config)
+    return generate_full_length(model, tok, g.prompts, max_new_tokens=g.max_new_tokens, top_k=config.gen_top_k, seed=g.seed)
+
+
+def many_case_generations(
+    model: nn.Module, tok: Any, cases: Sequence[EvalCase], config: EvalConfig, *, batch_rows: int = 128
+) -> list[FullLengthGenerations]:
+    """:func:`case_generations` of every case in ``cases`` (in order), with the cases' prompts
+    batched together up to ``batch_rows`` rows a call, each case still sampled from its own
+    seed (so each case's texts are those :func:`case_generations` gives, up to the
+    floating-point effect of the larger batch: see ``generate_full_length_groups``)."""
+    from ..generation import generate_full_length_groups
+
+    groups = [_generation_group(tok, c, config) for c in cases]
+    return generate_full_length_groups(model, tok, groups, top_k=config.gen_top_k, batch_rows=batch_rows)
 
 
 def generation_metrics(gens: FullLengthGenerations) -> dict[str, float]:
@@ -841,7 +863,7 @@ def _checkpoint(
     if config.checkpoint_gen:
         sample = [c for c in cases if c.generation_prompts][: config.checkpoint_gen]
         # Generations only: the cases' scores are not part of the fluency curve.
-        ge = [generation_metrics(case_generations(model, tok, c, config)) for c in sample]
+        ge = [generation_metrics(g) for g in many_case_generations(model, tok, sample, config)]
         if ge:
             summary.update({m: mean_ci([g[m] for g in ge]).to_dict() for m in GENERATION_METRICS})
     return {
