@@ -103,19 +103,24 @@ class _GroupSampler:
     sampler on the group alone: top-k filtering, a softmax in float32 and one
     ``torch.multinomial`` call per group and step, in row order."""
 
-    def __init__(self, groups: list[tuple[int, int, torch.Generator]], top_k: int, temperature: float) -> None:
+    def __init__(self, groups: list[tuple[int, int, int]], top_k: int, temperature: float) -> None:
+        #: (first row, end row, seed) of each group.
         self.groups = groups
         self.top_k = top_k
         self.temperature = temperature
+        self._generators: list[torch.Generator] | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._generators is None:
+            # On the device the logits come out on (the last one of a model split over several).
+            self._generators = [torch.Generator(device=scores.device).manual_seed(s) for _, _, s in self.groups]
         if self.temperature != 1.0:
             scores = scores / self.temperature
         k = min(self.top_k, scores.shape[-1])
         kth = torch.topk(scores, k).values[..., -1, None]
         probs = torch.softmax(scores.masked_fill(scores < kth, float("-inf")), dim=-1)
         chosen = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
-        for start, stop, gen in self.groups:
+        for (start, stop, _), gen in zip(self.groups, self._generators, strict=True):
             chosen[start:stop] = torch.multinomial(probs[start:stop], 1, generator=gen).squeeze(1)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, chosen[:, None], 0.0)
@@ -182,7 +187,7 @@ def _generate_group_chunk(
         for i in chunk:
             n = len(groups[i].prompts)
             if n:
-                spans.append((start, start + n, torch.Generator(device=device).manual_seed(groups[i].seed)))
+                spans.append((start, start + n, groups[i].seed))
             start += n
         sampler = _GroupSampler(spans, top_k, temperature)
     longest = max(groups[i].max_new_tokens for i in chunk)
