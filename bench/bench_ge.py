@@ -10,19 +10,15 @@ out the same, and both GE means.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def data_path(name: str) -> Path:
-    base = Path(os.environ.get("FACTEDIT_DATA_DIR", REPO.parent / "shared" / "data"))
-    return base / "counterfact" / name
+from bench_mass_editing import data_path  # noqa: E402
 
 
 def main() -> None:
