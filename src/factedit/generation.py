@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -150,72 +151,48 @@ def generate_full_length_groups(
     """
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be positive, got {batch_rows}")
-    out: list[FullLengthGenerations | None] = [None] * len(groups)
-    chunk: list[int] = []
-    rows = 0
-    for i, g in enumerate(groups):
-        n = len(g.prompts)
-        if chunk and rows + n > batch_rows:
-            _generate_group_chunk(model, tok, groups, chunk, out, top_k, temperature)
-            chunk, rows = [], 0
-        chunk.append(i)
-        rows += n
+    out: list[FullLengthGenerations] = []
+    chunk: list[GenerationGroup] = []
+    for g in groups:
+        if chunk and sum(len(c.prompts) for c in chunk) + len(g.prompts) > batch_rows:
+            out += _generate_group_chunk(model, tok, chunk, top_k, temperature)
+            chunk = []
+        chunk.append(g)
     if chunk:
-        _generate_group_chunk(model, tok, groups, chunk, out, top_k, temperature)
-    return [o if o is not None else FullLengthGenerations([], []) for o in out]
+        out += _generate_group_chunk(model, tok, chunk, top_k, temperature)
+    return out
 
 
 def _generate_group_chunk(
-    model: nn.Module,
-    tok,
-    groups: Sequence[GenerationGroup],
-    chunk: list[int],
-    out: list[FullLengthGenerations | None],
-    top_k: int | None,
-    temperature: float,
-) -> None:
-    """Generate the groups ``chunk`` (indices into ``groups``) in one call; fill ``out``."""
+    model: nn.Module, tok, chunk: list[GenerationGroup], top_k: int | None, temperature: float
+) -> list[FullLengthGenerations]:
+    """The generations of the groups ``chunk``, from one ``generate`` call."""
     from transformers import LogitsProcessorList
 
-    prompts = [p for i in chunk for p in groups[i].prompts]
+    prompts = [p for g in chunk for p in g.prompts]
     if not prompts:
-        return
-    device = model_device(model)
-    sampler = None
+        return [FullLengthGenerations([], []) for _ in chunk]
+    processors = None
     if top_k is not None and top_k > 1:
         spans, start = [], 0
-        for i in chunk:
-            n = len(groups[i].prompts)
-            if n:
-                spans.append((start, start + n, groups[i].seed))
-            start += n
-        sampler = _GroupSampler(spans, top_k, temperature)
-    longest = max(groups[i].max_new_tokens for i in chunk)
-    enc = tok(prompts, return_tensors="pt", padding=True).to(device)
-    kwargs: dict = dict(
-        max_new_tokens=longest,
-        do_sample=False,
-        pad_token_id=tok.pad_token_id,
-        use_cache=True,
-        eos_token_id=None,
-        # The sampler above draws; generate's own sampling settings must stay off.
-        top_k=None,
-        top_p=None,
-        temperature=None,
-    )
-    if sampler is not None:
-        kwargs["logits_processor"] = LogitsProcessorList([sampler])
-    new = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :].tolist()
+        for g in chunk:
+            if g.prompts:
+                spans.append((start, start + len(g.prompts), g.seed))
+            start += len(g.prompts)
+        processors = LogitsProcessorList([_GroupSampler(spans, top_k, temperature)])
+    # Greedy decoding of the sampler's one-hot scores (generate's own sampling stays off).
+    longest = max(g.max_new_tokens for g in chunk)
+    new = _generate_ids(model, tok, prompts, longest, None, None, 1.0, stop_at_eos=False,
+                        logits_processor=processors).tolist()  # fmt: skip
     ends = set(end_token_ids(model, tok))
-    row = 0
-    for i in chunk:
-        g = groups[i]
+    out, row = [], 0
+    for g in chunk:
         n = len(g.prompts)
         # Sampling is causal, so the first max_new_tokens of a longer run are the samples a
         # run of exactly max_new_tokens draws.
-        ids = [r[: g.max_new_tokens] for r in new[row : row + n]]
+        out.append(_full_length_texts(tok, g.prompts, [r[: g.max_new_tokens] for r in new[row : row + n]], ends))
         row += n
-        out[i] = _full_length_texts(tok, g.prompts, ids, ends)
+    return out
 
 
 def end_token_ids(model: nn.Module, tok) -> list[int]:
@@ -240,9 +217,11 @@ def _generate_ids(
     temperature: float,
     *,
     stop_at_eos: bool,
+    logits_processor: Any = None,
 ) -> torch.Tensor:
     """The new token ids ``(len(batch), new)`` of one batched ``model.generate`` call (rows that
-    ended early are padded with ``tok.pad_token_id``)."""
+    ended early are padded with ``tok.pad_token_id``). ``logits_processor`` (a transformers
+    ``LogitsProcessorList``) runs after the model's own processors."""
     enc = tok(batch, return_tensors="pt", padding=True).to(model_device(model))
     sample = top_k is not None and top_k > 1
     kwargs: dict = dict(
@@ -251,6 +230,8 @@ def _generate_ids(
         pad_token_id=tok.pad_token_id,
         use_cache=True,
     )
+    if logits_processor is not None:
+        kwargs["logits_processor"] = logits_processor
     if not stop_at_eos:
         # No stop token: every row runs to max_new_tokens (transformers stops at none).
         kwargs["eos_token_id"] = None
