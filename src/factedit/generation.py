@@ -182,8 +182,8 @@ def _generate_group_chunk(
         processors = LogitsProcessorList([_GroupSampler(spans, top_k, temperature)])
     # Greedy decoding of the sampler's one-hot scores (generate's own sampling stays off).
     longest = max(g.max_new_tokens for g in chunk)
-    new = _generate_ids(model, tok, prompts, longest, None, None, 1.0, stop_at_eos=False,
-                        logits_processor=processors).tolist()  # fmt: skip
+    new = _generate_ids(model, tok, prompts, longest, top_k=None, seed=None, temperature=1.0,
+                        stop_at_eos=False, logits_processor=processors).tolist()  # fmt: skip
     ends = set(end_token_ids(model, tok))
     out, row = [], 0
     for g in chunk:
