@@ -10,6 +10,8 @@ peak resident memory, the thread count and the command to reproduce.
     python bench/bench_mass_editing.py --method memit --n 1000 --edit-only --threads 2   # the time bar
     python bench/bench_mass_editing.py --method alphaedit,memit --n 1000 --batch-size 100 --sequential
         # both methods in one process on the same records, then a table side by side
+    python bench/bench_mass_editing.py --method alphaedit --n 1000 --batch-size 100 --sequential \
+        --gen-checkpoints 1,2,5   # GE after batches 1, 2, 5 (edited / not yet edited cases) and at the end
     python bench/bench_mass_editing.py --method rome --n 300 --batch-size 1 --sequential \
         --checkpoint-every 50 [--hparams '{"original_key_bug": true}']   # ROME's collapse curve
 
@@ -43,6 +45,11 @@ def data_path(name: str) -> Path:
     return base / "counterfact" / name
 
 
+def batches_list(text: str) -> tuple[int, ...]:
+    """``"1,2,5"`` -> ``(1, 2, 5)``."""
+    return tuple(int(k) for k in text.split(",") if k.strip())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="memit",
@@ -56,6 +63,9 @@ def main() -> None:
     ap.add_argument("--gen-sample", type=int, default=100, help="cases with generations (GE); 0: none")
     ap.add_argument("--checkpoint-gen", type=int, default=20,
                     help="ROME sequential: GE of the first N cases' generation prompts at every checkpoint")
+    ap.add_argument("--gen-checkpoints", type=batches_list, default=(), metavar="K,K,...",
+                    help="sequential batches: GE of the sample also after these batches (1-based), "
+                         "on the cases edited so far and on those not edited yet")
     ap.add_argument("--hparams", default=None, help="inline JSON overrides")
     ap.add_argument("--data", default="counterfact_dev.json", help="file name under shared/data/counterfact or a path")
     ap.add_argument("--threads", type=int, default=1)
@@ -115,7 +125,8 @@ def evaluate(args: argparse.Namespace, model, tok, cases, path: Path, method: st
         summary = run_evaluation(model, tok, cases, cfg, out, hparams=hparams, overwrite=True, pre_cache=pre_cache)
     else:
         summary = run_batch_evaluation(model, tok, cases, cfg, out, batch_size=batch, hparams=hparams,
-                                       gen_sample=args.gen_sample, overwrite=True, pre_cache=pre_cache)  # fmt: skip
+                                       gen_sample=args.gen_sample, overwrite=True, pre_cache=pre_cache,
+                                       gen_checkpoints=args.gen_checkpoints)  # fmt: skip
     seconds = time.perf_counter() - t0
     total = time.perf_counter() - t_start
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

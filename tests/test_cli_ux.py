@@ -47,6 +47,24 @@ def test_eval_unknown_method_writes_nothing(tmp_path, counterfact, capsys):
 
 
 @pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "--gen-checkpoints needs --batch-size and --sequential"),
+        (["--batch-size", "1"], "--gen-checkpoints needs --batch-size and --sequential"),
+        (["--batch-size", "1", "--sequential"], "batch numbers separated by commas, got '1;2'"),
+    ],
+)
+def test_eval_gen_checkpoints_refused_where_they_cannot_apply(tmp_path, counterfact, capsys, extra, message):
+    out = tmp_path / "r.jsonl"
+    ckpt = "1;2" if "--sequential" in extra else "1"
+    args = ["eval", "--method", "memit", "--data", counterfact, "--limit", "2", "--out", str(out),
+            "--gen-checkpoints", ckpt, *extra]  # fmt: skip
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
     ("hparams", "message"),
     [
         ('{"lyer": 3}', "did you mean 'lyer' -> 'layer'"),

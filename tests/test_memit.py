@@ -100,6 +100,80 @@ def test_alphaedit_projector_annihilates_preserved_keys():
     assert (dw.double() @ k.double().T - r.double().T).abs().max() < 0.05 * r.abs().max()
 
 
+def test_alphaedit_total_change_penalty_solves_its_normal_equations():
+    # λ tr((D + ΔW) C (D + ΔW)ᵀ): ΔW (G P + α I) = (R Kᵀ − λ D C) P with G = K Kᵀ + K_p K_pᵀ + λ C;
+    # the rows stay in P's range, and with D = 0 the update is the one without the option.
+    g = torch.Generator().manual_seed(5)
+    d_in, d_out, n = 20, 7, 4
+    c = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    c = c @ c.T / d_in
+    u = torch.linalg.qr(torch.randn(d_in, 12, generator=g, dtype=torch.float64))[0]
+    p = u @ u.T
+    k = torch.randn(n, d_in, generator=g)
+    kp = torch.randn(6, d_in, generator=g, dtype=torch.float64)
+    r = torch.randn(n, d_out, generator=g)
+    drift = 0.3 * torch.randn(d_out, d_in, generator=g)
+    lam, alpha = 0.9, 0.3
+    args = (k, r, p, kp.T @ kp, alpha, _Arch())
+    dw = alphaedit_delta(*args, mom2=c, mom2_weight=lam, drift=drift).double()
+    kd, eye = k.double(), torch.eye(d_in, dtype=torch.float64)
+    lhs = dw @ ((kd.T @ kd + kp.T @ kp + lam * c) @ p + alpha * eye)
+    assert torch.allclose(lhs, (r.double().T @ kd - lam * drift.double() @ c) @ p, atol=1e-5)
+    assert (dw @ (eye - p)).abs().max() < 1e-5 * dw.abs().max()
+    plain = alphaedit_delta(*args, mom2=c, mom2_weight=lam)
+    plain = (plain.materialize() if hasattr(plain, "materialize") else plain).double()
+    zero = alphaedit_delta(*args, mom2=c, mom2_weight=lam, drift=torch.zeros(d_out, d_in)).double()
+    assert torch.allclose(zero, plain, atol=1e-6) and not torch.allclose(dw, plain, atol=1e-3)
+    # It takes back part of the change so far: the total change's penalty is smaller than
+    # with the batch's update added on top of D as it is.
+    def penalty(total):
+        return float(torch.trace(total @ c @ total.T))
+
+    assert penalty(drift.double() + dw) < penalty(drift.double() + plain)
+
+
+def test_alphaedit_total_change_penalty_anchors_at_the_sequence_start(tok, tmp_path):
+    """The reference weights are those before the session's first batch; they stay through
+    later batches and a partial revert, and a full revert starts a new sequence."""
+    from conftest import make_tiny_model
+    from factedit.methods import EditContext
+    from factedit.methods.alphaedit import STATE_KEY
+
+    tiny = make_tiny_model("llama")
+    arch = describe(tiny)
+    hp = {"layers": [0, 1], "context_templates": [[3, 1]], "v_num_grad_steps": 3, "mom2_tokens": 2000,
+          "mom2_update_weight": 50.0, "penalise_total_change": True}  # fmt: skip
+    start = {i: arch.mlp_out_weight_as_out_in(tiny, i).detach().clone() for i in (0, 1)}
+    ctx = EditContext(cache_dir=tmp_path, progress=False)
+    session = EditSession(tiny, tok, method="alphaedit", hparams=hp, context=ctx)
+    session.apply(REQUESTS[:1])
+    session.apply(REQUESTS[1:2])
+    state = ctx.memo[STATE_KEY]
+    for i in (0, 1):
+        assert torch.equal(state.anchors[i], start[i])
+        assert not torch.equal(arch.mlp_out_weight_as_out_in(tiny, i), start[i])
+    session.revert(1)
+    assert torch.equal(state.anchors[0], start[0])
+    session.revert_all()
+    assert state.anchors == {}
+    # The option changes the second batch's write (the first has no change to take back).
+    plain_ctx = EditContext(cache_dir=tmp_path, progress=False)
+    plain = EditSession(tiny, tok, method="alphaedit", hparams={**hp, "penalise_total_change": False}, context=plain_ctx)
+    plain.apply(REQUESTS[:1])
+    first_plain = arch.mlp_out_weight_as_out_in(tiny, 1).detach().clone()
+    plain.apply(REQUESTS[1:2])
+    second_plain = arch.mlp_out_weight_as_out_in(tiny, 1).detach().clone()
+    plain.revert_all()
+    session.apply(REQUESTS[:1])
+    assert torch.equal(arch.mlp_out_weight_as_out_in(tiny, 1), first_plain)
+    session.apply(REQUESTS[1:2])
+    # (the tiny model's writes are ~1e-5, so any difference shows the drift reached the solve)
+    assert not torch.equal(arch.mlp_out_weight_as_out_in(tiny, 1), second_plain)
+    session.revert_all()
+    for i in (0, 1):
+        assert torch.equal(arch.mlp_out_weight_as_out_in(tiny, i), start[i])
+
+
 def test_alphaedit_state_gram_leaves_out_requests_with_all_their_template_rows():
     from factedit.methods.alphaedit import AlphaEditState
 
@@ -641,6 +715,54 @@ def test_batch_evaluation_generates_for_the_sample_across_cases(model, tok, pris
     again = read_results(tmp_path / "b.jsonl")
     for a, b in zip(res.cases, again.cases, strict=True):
         assert a["pre"] == b["pre"] and b["seconds"]["pre_eval"] == 0
+
+
+def test_sequential_batches_measure_fluency_along_the_way(model, tok, pristine_state, data_dir, tmp_path):
+    """``gen_checkpoints``: after the listed batches the sample's GE is measured again, split
+    into cases edited so far and not yet, each paired against its own value before the edits."""
+    from factedit.evaluate import load_dataset, make_config, read_results, summarize
+    from factedit.evaluate.batch import generation_sample, run_batch_evaluation
+
+    path = data_dir / "counterfact" / "counterfact_dev.json"
+    cases = load_dataset(path, limit=11)[8:11]
+    cfg = make_config(model, method="memit", hparams=SMALL, model_name="smollm2", dataset=path,
+                      kind="counterfact", sequential=True, gen_length=30)  # fmt: skip
+    run = dict(batch_size=1, hparams=SMALL, progress=False, gen_sample=3, gen_batch_rows=16)
+    # Refused before anything is written: no checkpoint at or past the last batch, none
+    # without the sequence.
+    with pytest.raises(ValueError, match=r"\[3\] out of range.*1\.\.2"):
+        run_batch_evaluation(model, tok, cases, cfg, tmp_path / "x.jsonl", gen_checkpoints=[3], **run)
+    batch_cfg = make_config(model, method="memit", hparams=SMALL, model_name="smollm2", dataset=path,
+                            kind="counterfact", gen_length=30)  # fmt: skip
+    with pytest.raises(ValueError, match="sequential"):
+        run_batch_evaluation(model, tok, cases, batch_cfg, tmp_path / "x.jsonl", gen_checkpoints=[1], **run)
+    assert not (tmp_path / "x.jsonl").exists()
+
+    out = tmp_path / "r.jsonl"
+    summary = run_batch_evaluation(model, tok, cases, cfg, out, gen_checkpoints=[2, 1], **run)
+    assert_weights_equal(model, pristine_state)
+    res = read_results(out)
+    assert res.config["gen_checkpoints"] == [1, 2]
+    assert generation_sample(cases, 3, cfg.seed) == {c.case_id for c in cases}
+    pre_ge = {c["case_id"]: c["pre"]["GE"] for c in res.cases}
+    assert [cp["after_batch"] for cp in res.checkpoints] == [1, 2]
+    for k, cp in enumerate(res.checkpoints, start=1):
+        rows = cp["per_case"]
+        assert [r["case_id"] for r in rows] == [c.case_id for c in cases]
+        assert [r["edited"] for r in rows] == [i < k for i in range(3)]
+        assert cp["n_edits"] == k and cp["groups"]["edited"]["n"] == k and cp["groups"]["unedited"]["n"] == 3 - k
+        for group, flag in (("edited", True), ("unedited", False)):
+            mine = [r for r in rows if r["edited"] is flag]
+            change = sum(r["GE"] - pre_ge[r["case_id"]] for r in mine) / len(mine)
+            assert cp["groups"][group]["GE change"]["mean"] == pytest.approx(change)
+            assert all(r["GE pre"] == pre_ge[r["case_id"]] for r in mine)
+        assert cp["summary"]["GE"]["mean"] == pytest.approx(sum(r["GE"] for r in rows) / 3)
+        assert all(0 < r["GE"] < 10 and 0 < r["GE-eos"] < 10 for r in rows)
+    # The table frames the checkpoints by the values before and at the end.
+    table = summarize(read_results(out)).to_markdown()
+    assert "Fluency along the sequence" in table and "| 0 | 0 |" in table and "| 1 | 1 |" in table
+    assert "| end | 3 |" in table
+    assert summary.post["ES"].mean > summary.pre["ES"].mean
 
 
 @pytest.mark.parametrize("arch_name", ["gpt2", "llama"])

@@ -74,6 +74,13 @@ def register(subparsers) -> None:
         help="with --batch-size: measure generations (GE/RS) on a fixed sample of this many cases",
     )
     p.add_argument(
+        "--gen-checkpoints",
+        default="",
+        metavar="K,K,...",
+        help="with --batch-size and --sequential: measure the sample's fluency (GE) also after these "
+        "batches (1-based), on the cases edited so far and on those not edited yet",
+    )
+    p.add_argument(
         "--no-generation", action="store_true", help="skip the generations (no GE/RS): much faster"
     )
     p.add_argument(
@@ -148,6 +155,14 @@ def _parse_hparams(value: str | None) -> Any:
     return path
 
 
+def _batches(value: str) -> list[int]:
+    """``--gen-checkpoints "1,2,5"`` -> ``[1, 2, 5]``."""
+    try:
+        return [int(k) for k in value.split(",") if k.strip()]
+    except ValueError:
+        raise ValueError(f"--gen-checkpoints takes batch numbers separated by commas, got {value!r}") from None
+
+
 def _data_args(values: list[str]) -> tuple[str | None, Path]:
     if len(values) == 1:
         return None, Path(values[0])
@@ -200,6 +215,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.summary_only:
         _write_outputs(summarize(read_results(out)), args)
         return 0
+    if _batches(args.gen_checkpoints) and not (args.batch_size and args.sequential):
+        raise ValueError("--gen-checkpoints needs --batch-size and --sequential (fluency after each listed batch)")
     if shard and args.sequential:
         raise ValueError("--shard cannot split a --sequential run: each edit depends on all earlier cases")
     # Everything is validated before the results file is touched: the method and the dataset
@@ -262,7 +279,7 @@ def _evaluate(
         summary = run_batch_evaluation(
             model, tok, cases, config, out, batch_size=args.batch_size, hparams=hparams,
             gen_sample=args.gen_sample, progress=not args.no_progress, overwrite=args.overwrite,
-            pre_cache=not args.no_pre_cache,
+            pre_cache=not args.no_pre_cache, gen_checkpoints=_batches(args.gen_checkpoints),
         )  # fmt: skip
         _write_outputs(summary, args)
         return 0

@@ -5,7 +5,11 @@
   weights are restored before the next batch (MEMIT's ``--num_edits``);
 * sequential: the batches are applied one after another in one
   :class:`~factedit.session.EditSession` (AlphaEdit's protocol) and every case is measured at
-  the end, on the model holding all the edits.
+  the end, on the model holding all the edits. With ``gen_checkpoints`` the fluency of the
+  sample is also measured after the listed batches, split into the cases edited so far and those
+  not edited yet (each paired against its own value before the edits), so a run shows whether
+  fluency falls with the number of writes and whether it falls for text about subjects no edit
+  touched (a model-wide change) or only for the edited ones.
 
 "pre" metrics are measured on the unedited model. Generation (GE, RS) is measured only on a
 fixed sample of ``gen_sample`` cases (chosen by the run's seed), so a 1,000-edit run stays
@@ -28,6 +32,7 @@ from typing import Any
 from torch import nn
 
 from .datasets import EvalCase
+from .metrics import GENERATION_METRICS, mean_ci
 from .precache import PreEditCache, measure_before
 from .runner import (
     ConfigMismatchError,
@@ -37,6 +42,7 @@ from .runner import (
     _append,
     _json_id,
     config_differences,
+    generation_metrics,
     many_case_generations,
     measure_case,
     read_results,
@@ -72,6 +78,7 @@ def run_batch_evaluation(
     context: Any = None,
     pre_cache: bool | str | Path = False,
     gen_batch_rows: int = 128,
+    gen_checkpoints: Sequence[int] = (),
 ) -> Summary:
     """Evaluate ``config.method`` on ``cases`` edited ``batch_size`` at a time (see the module
     docstring; ``config.sequential`` chooses the protocol). Returns the :class:`Summary`.
@@ -84,6 +91,13 @@ def run_batch_evaluation(
     ``gen_batch_rows``: generation prompts of several cases are sampled in one batch of up to
     this many rows, each case from its own seed (``many_case_generations``).
 
+    ``gen_checkpoints`` (sequential only, needs generation): after each listed batch (1-based,
+    below the last; the last is the final measurement) the sample's generations are made again
+    on the model as it is and a ``checkpoint`` line records GE and GE-eos per case and, for the
+    cases edited so far and those not yet edited, the mean and its change paired against
+    before the edits (:func:`batch_checkpoint`). The lines are written with the cases, when the
+    run completes.
+
     Guarantees: the model's weights are the same on return (or exception) as on entry; a results
     file with another configuration raises :class:`ConfigMismatchError` unless ``overwrite``.
     """
@@ -95,7 +109,22 @@ def run_batch_evaluation(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     out = Path(out)
+    n_batches = -(-len(cases) // batch_size)
+    gen_checkpoints = sorted(set(gen_checkpoints))
+    if gen_checkpoints:
+        if not config.sequential:
+            raise ValueError("gen_checkpoints needs a sequential run (each batch is restored otherwise)")
+        if not (config.generation and gen_sample > 0):
+            raise ValueError("gen_checkpoints needs generations (config.generation and gen_sample > 0)")
+        bad = [k for k in gen_checkpoints if not 1 <= k < n_batches]
+        if bad:
+            raise ValueError(
+                f"gen_checkpoints {bad} out of range: a run of {n_batches} batches has checkpoints 1..{n_batches - 1} "
+                "(the final measurement follows the last batch)"
+            )
     cfg = {**config.to_dict(), "protocol": "batch", "batch_size": batch_size, "gen_sample": gen_sample}
+    if gen_checkpoints:  # only when used, so that earlier results files keep their configuration
+        cfg["gen_checkpoints"] = gen_checkpoints
     if out.exists() and overwrite:
         out.unlink()
     existing = ResultsFile(None, [], [])
@@ -178,10 +207,20 @@ def run_batch_evaluation(
         pres = {_json_id(c.case_id): m for c, m in zip(todo_cases, measure_all(todo_cases), strict=True)}
         if config.sequential:
             edit_seconds = {}
+            checkpoints = []
+            sampled = [c for c in todo_cases if _json_id(c.case_id) in gen_ids and c.generation_prompts]
             for k, b in enumerate(todo):
                 edit_seconds.update(apply(k, b))
+                if k + 1 in gen_checkpoints:
+                    bar.set_postfix_str(f"fluency after batch {k + 1}: generating for {len(sampled)} cases")
+                    gens = many_case_generations(model, tok, sampled, config, batch_rows=gen_batch_rows)
+                    bar.set_postfix_str("")
+                    edited = {_json_id(c.case_id) for bb in todo[: k + 1] for c in bb}
+                    checkpoints.append(batch_checkpoint(k + 1, len(edited), sampled, gens, pres, edited))
             posts = measure_all(todo_cases, pres)
-            records = [_record(c, pres, post, edit_seconds, diagnostics) for c, post in zip(todo_cases, posts, strict=True)]
+            records = checkpoints + [
+                _record(c, pres, post, edit_seconds, diagnostics) for c, post in zip(todo_cases, posts, strict=True)
+            ]
             for rec in records:
                 _append(out, rec)
         else:
@@ -197,6 +236,48 @@ def run_batch_evaluation(
         bar.close()
         session.revert_all()
     return summarize(read_results(out), [c.case_id for c in cases])
+
+
+def batch_checkpoint(
+    after_batch: int,
+    n_edits: int,
+    sampled: Sequence[EvalCase],
+    generations: Sequence[Any],
+    pres: dict[Any, Any],
+    edited: set[Any],
+) -> dict[str, Any]:
+    """The ``checkpoint`` line of a sequential mass-editing run after ``after_batch`` batches
+    (``n_edits`` requests written): ``summary`` holds GE and GE-eos over the whole sample;
+    ``groups`` the same for the sampled cases in ``edited`` and for the others, each with
+    ``"<metric> change"``, the change paired case by case against the case's value in
+    ``pres`` (before any edit); ``per_case`` each case's values and whether it was edited."""
+    rows = []
+    for case, gens in zip(sampled, generations, strict=True):
+        cid = _json_id(case.case_id)
+        now = generation_metrics(gens)
+        rows.append({"case_id": case.case_id, "edited": cid in edited, **now,
+                     **{f"{m} pre": pres[cid].metrics.get(m) for m in GENERATION_METRICS}})  # fmt: skip
+
+    def stats(group: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": len(group)}
+        for m in GENERATION_METRICS:
+            out[m] = mean_ci([r[m] for r in group]).to_dict()
+            pairs = [r[m] - r[f"{m} pre"] for r in group if r[f"{m} pre"] is not None]
+            out[f"{m} change"] = mean_ci(pairs).to_dict()
+        return out
+
+    return {
+        "type": "checkpoint",
+        "after_batch": after_batch,
+        "n_cases": n_edits,
+        "n_edits": n_edits,
+        "summary": {m: mean_ci([r[m] for r in rows]).to_dict() for m in GENERATION_METRICS},
+        "groups": {
+            "edited": stats([r for r in rows if r["edited"]]),
+            "unedited": stats([r for r in rows if not r["edited"]]),
+        },
+        "per_case": rows,
+    }
 
 
 def _record(
@@ -225,4 +306,4 @@ def _record(
     return rec
 
 
-__all__ = ["generation_sample", "run_batch_evaluation"]
+__all__ = ["batch_checkpoint", "generation_sample", "run_batch_evaluation"]

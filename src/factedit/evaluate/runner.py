@@ -450,6 +450,28 @@ class Summary:
             "notes": self.notes,
         }
 
+    def _fluency_table(self, checkpoints: list[dict[str, Any]]) -> list[str]:
+        """Markdown lines for a sequential mass-editing run's fluency checkpoints
+        (:func:`~factedit.evaluate.batch.batch_checkpoint`), framed by the values before the
+        edits and after the last batch."""
+        none = Estimate(float("nan"), float("nan"), 0)
+        lines = ["Fluency along the sequence (GE on the sampled cases; change paired against before the edits):", "",
+                 "| after batch | edits | GE | change, cases edited so far | change, cases not edited yet |",
+                 "| ---: | ---: | ---: | ---: | ---: |",
+                 f"| 0 | 0 | {self.pre.get('GE', none).format(1.0, 2)} | - | - |"]  # fmt: skip
+        for cp in checkpoints:
+            cells = [_estimate(cp["summary"]["GE"]).format(1.0, 2)]
+            for group in ("edited", "unedited"):
+                g = cp["groups"][group]
+                est = _estimate(g["GE change"])
+                cells.append(f"{est.format(1.0, 2, signed=True)} (n {g['n']})" if g["n"] else "-")
+            lines.append(f"| {cp['after_batch']} | {cp['n_edits']} | " + " | ".join(cells) + " |")
+        if "GE" in self.post:
+            n = self.change.get("GE", none).n
+            lines.append(f"| end | {self.n_cases} | {self.post['GE'].format(1.0, 2)} | "
+                         f"{self.change.get('GE', none).format(1.0, 2, signed=True)} (n {n}) | - |")  # fmt: skip
+        return lines
+
     def to_markdown(self) -> str:
         """A Markdown table: metric | pre | post | change (percent for rates, ± the 95 % CI;
         the change paired case by case, for fluency also in percent of the value before)."""
@@ -475,12 +497,17 @@ class Summary:
         if self.seconds:
             lines += ["", "| seconds per case | mean ± 95 % CI |", "| --- | ---: |"]
             lines += [f"| {k} | {v.format(1.0, 2)} |" for k, v in self.seconds.items()]
-        if self.checkpoints:
+        fluency = [cp for cp in self.checkpoints if "groups" in cp]
+        if fluency:
+            lines += ["", *self._fluency_table(fluency)]
+        if len(fluency) < len(self.checkpoints):
             names = [m for m in self.metric_names() if m not in RAW_METRICS]
             names += [m for m in GENERATION_METRICS if any(m in cp["summary"] for cp in self.checkpoints)]
             lines += ["", "Sequential checkpoints (all edits so far, re-measured):", ""]
             lines += ["| edits | " + " | ".join(names) + " |", "|" + " ---: |" * (len(names) + 1)]
             for cp in self.checkpoints:
+                if "groups" in cp:
+                    continue
                 est = cp["summary"]
                 cells = [
                     _estimate(est[m]).format(*table_format(m)) if m in est else "-"

@@ -27,6 +27,13 @@ A third (``repair_prior_rounds``, not in the paper, off by default) re-asserts t
 edits that later batches wore down: after a batch is written, the earlier requests that no
 longer hold get a new δ on the model as it is and are written again, in the same call.
 
+A fourth (``penalise_total_change``, not in the paper, off by default) applies the λ·E[kkᵀ]
+penalty to the change of the weight since the sequence's first batch instead of to each
+batch's own update: a batch's update then also takes back the part of the earlier batches'
+change that ordinary text sees and the earlier edits' keys do not need, as one joint write of
+all the batches would (λ·tr((D + ΔW) C (D + ΔW)ᵀ), D the change so far; the update gains the
+term −λ D C P in its numerator).
+
 The requests and keys of earlier batches are state that grows across calls: they live in an
 :class:`AlphaEditState` kept in the :class:`~factedit.methods.base.EditContext` (an
 :class:`~factedit.session.EditSession` holds that context and takes keys back out when it
@@ -45,7 +52,7 @@ from torch import nn
 
 from ..arch import ModelArch
 from ..requests import EditRequest
-from .base import EditContext, LowRankDelta
+from .base import EditContext, LowRankDelta, materialize
 from .memit import (
     MEMIT,
     BlockInputs,
@@ -94,6 +101,12 @@ class AlphaEditHParams(MEMITHParams):
         repair_update_weight: λ for the repair's writes only (``None``: ``mom2_update_weight``).
             Larger than λ, the repair moves the model less for the requests it writes again,
             which keeps more of the unedited neighbours where they were.
+        penalise_total_change: the λ·E[kkᵀ] penalty acts on the weight's change since the
+            first batch of the sequence (D + ΔW, D the change the earlier batches left) rather
+            than on this batch's ΔW alone (``False``: the latter, as MEMIT's and AlphaEdit's
+            updates are written). A sequence of batches is then penalised as one joint write
+            would be, instead of once per batch. The reference weights are those the state
+            saw before its first batch (:attr:`AlphaEditState.anchors`).
     """
 
     nullspace_threshold: float = 1e-2
@@ -104,6 +117,7 @@ class AlphaEditHParams(MEMITHParams):
     prior_keys_per_template: bool = False
     repair_prior_rounds: int = 0
     repair_update_weight: float | None = None
+    penalise_total_change: bool = False
 
 
 @dataclass
@@ -111,22 +125,27 @@ class AlphaEditState:
     """The edits made so far in a sequence: their requests, one list per batch, and their keys,
     per layer, one tensor per batch (float32, ``(rows, in)``, on the CPU, rows in the order of
     the batch's requests: one row per request, or with ``prior_keys_per_template`` one per
-    request and template, scaled so that ``k.T @ k`` is the mean over templates), and the
-    projectors, per layer."""
+    request and template, scaled so that ``k.T @ k`` is the mean over templates), the
+    projectors, per layer, and (``penalise_total_change``) ``anchors``: per layer, the edited
+    projection's weight ``(out, in)`` (float32, CPU) before the first batch written with that option."""
 
     keys: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     requests: list[list[EditRequest]] = field(default_factory=list)
     projectors: dict[tuple[int, float, int], torch.Tensor] = field(default_factory=dict)
+    anchors: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n_batches(self) -> int:
         return len(self.requests)
 
     def truncate(self, n_batches: int) -> None:
-        """Forget the requests and keys of all batches after the first ``n_batches``."""
+        """Forget the requests and keys of all batches after the first ``n_batches`` (with none
+        left, the anchors too: the next batch starts a new sequence)."""
         del self.requests[n_batches:]
         for layer in self.keys:
             del self.keys[layer][n_batches:]
+        if not self.requests:
+            self.anchors.clear()
 
     def gram(self, layer: int, device: torch.device, leave_out: Sequence[int] = ()) -> torch.Tensor | None:
         """Σ K_p K_pᵀ over the earlier batches at ``layer`` (float64), or ``None``; without the
@@ -193,12 +212,17 @@ def alphaedit_delta(
     mom2: torch.Tensor | None = None,
     mom2_weight: float = 0.0,
     preserved_weight: float = 1.0,
+    drift: torch.Tensor | None = None,
 ) -> LowRankDelta | torch.Tensor:
     """ΔW = R Kᵀ P (K Kᵀ P + γ K_p K_pᵀ P + λ C P + α I)⁻¹ for keys ``(n, in)`` and residuals
     ``(n, out)`` (C = ``mom2``, λ = ``mom2_weight``, γ = ``preserved_weight``; with λ = 0 and
     γ = 1 the paper's update), in
     float64, in the weight's storage orientation. Its row space lies in P's range, so
-    ΔW k = 0 for keys that P annihilates."""
+    ΔW k = 0 for keys that P annihilates.
+
+    ``drift`` D ``(out, in)``, the change the weight already carries: the penalty is then
+    λ tr((D + ΔW) C (D + ΔW)ᵀ), which puts −λ D C beside R Kᵀ:
+    ΔW = (R Kᵀ − λ D C) P (K Kᵀ P + γ K_p K_pᵀ P + λ C P + α I)⁻¹ (dense)."""
     p = projector.to(torch.float64)
     k = keys.to(p.device, torch.float64)  # (n, in)
     g = k.T @ k
@@ -210,7 +234,14 @@ def alphaedit_delta(
     # ΔWᵀ = (P G + α I)⁻¹ P K Rᵀ, i.e. ΔW = R Xᵀ with X = (P G + α I)⁻¹ P K.
     a = p @ g + l2 * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     x = torch.linalg.solve(a, p @ k.T)  # (in, n)
-    return as_weight_delta(resid.to(p.device, torch.float64).T, x, arch)
+    delta = as_weight_delta(resid.to(p.device, torch.float64).T, x, arch)
+    if drift is None or mom2 is None or mom2_weight <= 0:
+        return delta
+    # ΔWᵀ gains −(P G + α I)⁻¹ P λ C Dᵀ, an (in, out) matrix: the update is dense from here.
+    c = mom2.to(p.device, torch.float64)
+    back = torch.linalg.solve(a, p @ (mom2_weight * (c @ drift.to(p.device, torch.float64).T)))  # (in, out)
+    dense = materialize(delta).to(torch.float64)
+    return (dense - (back if arch.mlp_out_transposed else back.T)).float()
 
 
 class AlphaEdit(MEMIT):
@@ -237,7 +268,10 @@ class AlphaEdit(MEMIT):
         self._repairing = False
         self.repaired: list[int] = []
         self._projectors = {}
+        self._drift: dict[int, torch.Tensor] = {}
         for layer in hp.layers:
+            if hp.penalise_total_change and layer not in self._state.anchors:
+                self._state.anchors[layer] = arch.mlp_out_weight_as_out_in(model, layer).detach().float().cpu().clone()
             # Keyed on the statistics tensor too (pinned in the context, so its address is stable).
             key = (layer, hp.nullspace_threshold, mom2[layer].data_ptr())
             if key not in self._state.projectors:
@@ -253,10 +287,15 @@ class AlphaEdit(MEMIT):
         if self._repairing and hp.repair_update_weight is not None:
             weight = hp.repair_update_weight
         return alphaedit_delta(keys, resid, p, gram, hp.l2, arch, mom2=mom2, mom2_weight=weight,
-                               preserved_weight=hp.prior_keys_weight)  # fmt: skip
+                               preserved_weight=hp.prior_keys_weight, drift=self._drift.pop(layer, None))  # fmt: skip
 
     def before_update(self, w: Write, layer: int) -> None:  # type: ignore[override]
         state = self._state
+        if w.hparams.penalise_total_change:  # type: ignore[attr-defined]
+            # The change so far, this call's earlier writes of the layer (retries, repairs)
+            # included: the penalty is on the weight's whole change since the anchor.
+            now = w.arch.mlp_out_weight_as_out_in(w.model, layer).detach().float()
+            self._drift[layer] = now - state.anchors[layer].to(now.device)
         if not w.hparams.refresh_prior_keys or not state.requests:  # type: ignore[attr-defined]
             return
         # The passes go up the range as the writes do: each resumes from the block input the
