@@ -100,19 +100,24 @@ def test_alphaedit_projector_annihilates_preserved_keys():
     assert (dw.double() @ k.double().T - r.double().T).abs().max() < 0.05 * r.abs().max()
 
 
+def _alphaedit_problem(seed: int, d_in: int, d_out: int, *, n: int, p_rank: int, n_prior: int):
+    """A random AlphaEdit update problem: C (SPD, float64), a projector P of rank ``p_rank``,
+    keys K ``(n, d_in)``, earlier keys K_p ``(n_prior, d_in)`` and residuals R ``(n, d_out)``."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    u = torch.linalg.qr(torch.randn(d_in, p_rank, generator=g, dtype=torch.float64))[0]
+    k = torch.randn(n, d_in, generator=g)
+    kp = torch.randn(n_prior, d_in, generator=g, dtype=torch.float64)
+    r = torch.randn(n, d_out, generator=g)
+    return c @ c.T / d_in, u @ u.T, k, kp, r
+
+
 def test_alphaedit_total_change_penalty_solves_its_normal_equations():
     # λ tr((D + ΔW) C (D + ΔW)ᵀ): ΔW (G P + α I) = (R Kᵀ − λ D C) P with G = K Kᵀ + K_p K_pᵀ + λ C;
     # the rows stay in P's range, and with D = 0 the update is the one without the option.
-    g = torch.Generator().manual_seed(5)
-    d_in, d_out, n = 20, 7, 4
-    c = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
-    c = c @ c.T / d_in
-    u = torch.linalg.qr(torch.randn(d_in, 12, generator=g, dtype=torch.float64))[0]
-    p = u @ u.T
-    k = torch.randn(n, d_in, generator=g)
-    kp = torch.randn(6, d_in, generator=g, dtype=torch.float64)
-    r = torch.randn(n, d_out, generator=g)
-    drift = 0.3 * torch.randn(d_out, d_in, generator=g)
+    d_in, d_out = 20, 7
+    c, p, k, kp, r = _alphaedit_problem(5, d_in, d_out, n=4, p_rank=12, n_prior=6)
+    drift = 0.3 * torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(6))
     lam, alpha = 0.9, 0.3
     args = (k, r, p, kp.T @ kp, alpha, _Arch())
     dw = alphaedit_delta(*args, mom2=c, mom2_weight=lam, drift=drift).double()
@@ -201,15 +206,8 @@ def test_alphaedit_refuses_negative_counts_and_weights_before_editing(model, tok
 def test_alphaedit_statistics_penalty_solves_its_normal_equations():
     # ΔW (K Kᵀ P + K_p K_pᵀ P + λ C P + α I) = R Kᵀ P; with P = I and α → 0 this is MEMIT's update
     # with the earlier keys in the normal equations.
-    g = torch.Generator().manual_seed(2)
-    d_in, d_out, n = 24, 6, 5
-    c = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
-    c = c @ c.T / d_in
-    u = torch.linalg.qr(torch.randn(d_in, 16, generator=g, dtype=torch.float64))[0]
-    p = u @ u.T
-    k = torch.randn(n, d_in, generator=g)
-    kp = torch.randn(7, d_in, generator=g, dtype=torch.float64)
-    r = torch.randn(n, d_out, generator=g)
+    d_in = 24
+    c, p, k, kp, r = _alphaedit_problem(2, d_in, 6, n=5, p_rank=16, n_prior=7)
     lam, alpha = 0.7, 0.2
     dw = alphaedit_delta(k, r, p, kp.T @ kp, alpha, _Arch(), mom2=c, mom2_weight=lam)
     dw = dw.materialize() if hasattr(dw, "materialize") else dw
