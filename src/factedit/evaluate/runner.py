@@ -497,17 +497,18 @@ class Summary:
         if self.seconds:
             lines += ["", "| seconds per case | mean ± 95 % CI |", "| --- | ---: |"]
             lines += [f"| {k} | {v.format(1.0, 2)} |" for k, v in self.seconds.items()]
+        # Mass-editing runs' checkpoints measure fluency by group; the sequential runner's
+        # re-measure every edit so far.
         fluency = [cp for cp in self.checkpoints if "groups" in cp]
+        rescored = [cp for cp in self.checkpoints if "groups" not in cp]
         if fluency:
             lines += ["", *self._fluency_table(fluency)]
-        if len(fluency) < len(self.checkpoints):
+        if rescored:
             names = [m for m in self.metric_names() if m not in RAW_METRICS]
-            names += [m for m in GENERATION_METRICS if any(m in cp["summary"] for cp in self.checkpoints)]
+            names += [m for m in GENERATION_METRICS if any(m in cp["summary"] for cp in rescored)]
             lines += ["", "Sequential checkpoints (all edits so far, re-measured):", ""]
             lines += ["| edits | " + " | ".join(names) + " |", "|" + " ---: |" * (len(names) + 1)]
-            for cp in self.checkpoints:
-                if "groups" in cp:
-                    continue
+            for cp in rescored:
                 est = cp["summary"]
                 cells = [
                     _estimate(est[m]).format(*table_format(m)) if m in est else "-"
