@@ -149,7 +149,7 @@ def evaluate(args: argparse.Namespace, model, tok, cases, path: Path, method: st
 def per_batch(out: Path, cases: list, batch: int) -> str:
     """A sequential run's rates per batch, all measured on the final model: how much of each
     batch the batches after it left standing (Markdown)."""
-    from factedit.evaluate.runner import read_results, summarize
+    from factedit.evaluate.results import read_results, summarize
 
     results = read_results(out)
     metrics = ["ES", "PS", "NS", "EM"]

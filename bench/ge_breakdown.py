@@ -44,7 +44,7 @@ def main() -> None:
 
     from factedit.evaluate import load_dataset
     from factedit.evaluate.metrics import ngram_entropy, words
-    from factedit.evaluate.runner import read_results
+    from factedit.evaluate.results import read_results
 
     every = read_results(args.results).cases
     recs = [r for r in every if r.get("generations")]

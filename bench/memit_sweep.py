@@ -170,15 +170,8 @@ def main() -> None:
     from factedit.evaluate import generation_entropy, load_dataset, make_config
     from factedit.evaluate.batch import _record
     from factedit.evaluate.metrics import mean_ci
-    from factedit.evaluate.runner import (
-        _append,
-        _json_id,
-        case_generations,
-        many_case_generations,
-        measure_case,
-        read_results,
-        summarize,
-    )
+    from factedit.evaluate.results import append_line, json_id, read_results, summarize
+    from factedit.evaluate.runner import case_generations, many_case_generations, measure_case
     from factedit.methods import EditContext, get_method, resolve_hparams
     from factedit.methods.base import PhaseTimer, WeightEditor
     from factedit.methods.memit import base_stats
@@ -204,7 +197,7 @@ def main() -> None:
     t0 = time.perf_counter()
     measured = cases[: args.measure] if args.measure else cases
     pres = {
-        _json_id(c.case_id): measure_case(model, tok, c, cfg, generation=False) for c in measured
+        json_id(c.case_id): measure_case(model, tok, c, cfg, generation=False) for c in measured
     }
     # From all edited cases, not only the measured ones: --measure limits the ES/PS/NS cases.
     gen_cases = [c for c in cases if c.generation_prompts][: args.gen_sample]
@@ -234,10 +227,10 @@ def main() -> None:
 
     def measure(setting: dict, tag: str) -> dict:
         out = Path(tmp.name) / f"{tag}.jsonl"
-        _append(out, {"type": "header", "config": cfg.to_dict(), "notes": [json.dumps(setting)]})
+        append_line(out, {"type": "header", "config": cfg.to_dict(), "notes": [json.dumps(setting)]})
         for c in measured:
-            post = measure_case(model, tok, c, cfg, pre=pres[_json_id(c.case_id)], generation=False)
-            _append(out, _record(c, pres, post, no_edit_seconds, {}))
+            post = measure_case(model, tok, c, cfg, pre=pres[json_id(c.case_id)], generation=False)
+            append_line(out, _record(c, pres, post, no_edit_seconds, {}))
         summary = summarize(read_results(out), [c.case_id for c in measured])
         post = {m: summary.post[m].mean for m in METRICS if m in summary.post}
         ge_cases = fluency()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import REPO, shared_data_dir
 from factedit.arch import describe
 from factedit.corpus import wikipedia
-from factedit.evaluate.runner import read_results
+from factedit.evaluate.results import read_results
 from factedit.evaluate.sharding import merge_results, parse_shard, shard_cases
 from factedit.models import cache_dir
 from factedit.stats import compute_second_moment, stats_key

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import factedit.evaluate.runner as runner
-from factedit.evaluate import load_dataset, run_evaluation
-from factedit.evaluate.precache import PreEditCache
+from factedit.evaluate import load_dataset, metrics, results, run_evaluation
+from factedit.evaluate.precache import PreEditCache, measuring_code_digest
 from test_evaluate_runner import ToyEdit, _config
 
 
@@ -100,6 +101,27 @@ def test_key_follows_what_a_measurement_depends_on(model, flat_path, tmp_path):
         assert path() != here
     finally:
         torch.set_num_threads(threads)
+
+
+def test_code_digest_follows_the_measuring_code_not_the_reporting(monkeypatch):
+    """An edit to the metrics starts a new cache file; an edit to how results are read or
+    printed (the results module: Summary, summarize) keeps the measurements already cached."""
+    before = measuring_code_digest()
+    real = Path.read_bytes
+
+    def edit_source(module):
+        target = Path(module.__file__).resolve()
+
+        def read_bytes(self):
+            data = real(self)
+            return data + b"\n# an edit\n" if self.resolve() == target else data
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+    edit_source(results)
+    assert measuring_code_digest() == before
+    edit_source(metrics)
+    assert measuring_code_digest() != before
 
 
 def test_an_interrupted_line_is_ignored(model, tok, flat_path, tmp_path, unchanged_after):

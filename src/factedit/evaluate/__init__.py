@@ -42,17 +42,15 @@ from .metrics import (
     summarize_cases,
     zsre_metrics,
 )
+from .results import ResultsFile, Summary, read_results, summarize
 from .runner import (
     ConfigMismatchError,
     EvalConfig,
-    Summary,
     make_config,
     measure_case,
     model_fingerprint,
-    read_results,
     run_evaluation,
     score_case,
-    summarize,
 )
 
 __all__ = [
@@ -63,6 +61,7 @@ __all__ = [
     "EvalCase",
     "EvalConfig",
     "PromptSetScores",
+    "ResultsFile",
     "Summary",
     "cases_from_records",
     "counterfact_case",

@@ -15,7 +15,7 @@
 fixed sample of ``gen_sample`` cases (chosen by the run's seed), so a 1,000-edit run stays
 affordable. Results go to the same JSONL layout as :func:`~factedit.evaluate.runner.run_evaluation`
 (header with the configuration plus ``protocol``, ``batch_size``, ``gen_sample``; one line per
-case) and summarise with the same :func:`~factedit.evaluate.runner.summarize`. Batch mode
+case) and summarise with the same :func:`~factedit.evaluate.results.summarize`. Batch mode
 resumes at batch granularity; a sequential run is written when it completes (an interrupted one
 starts again).
 """
@@ -34,20 +34,15 @@ from torch import nn
 from .datasets import EvalCase
 from .metrics import GENERATION_METRICS, mean_ci
 from .precache import PreEditCache, measure_before
+from .results import ResultsFile, Summary, append_line, json_id, read_results, summarize
 from .runner import (
     ConfigMismatchError,
     EvalConfig,
-    ResultsFile,
-    Summary,
-    _append,
-    _json_id,
     config_differences,
     generation_metrics,
     many_case_generations,
     measure_case,
-    read_results,
     scalar_diagnostics,
-    summarize,
 )
 
 log = logging.getLogger(__name__)
@@ -56,7 +51,7 @@ log = logging.getLogger(__name__)
 def generation_sample(cases: Sequence[EvalCase], n: int, seed: int) -> set[Any]:
     """The case ids whose generations are measured: ``n`` cases drawn with ``seed`` (all when
     there are fewer), the same for every method and batch size on the same cases."""
-    ids = [_json_id(c.case_id) for c in cases]
+    ids = [json_id(c.case_id) for c in cases]
     if n >= len(ids):
         return set(ids)
     return set(random.Random(seed).sample(ids, n))
@@ -136,10 +131,10 @@ def run_batch_evaluation(
         out.parent.mkdir(parents=True, exist_ok=True)
         notes = [f"mass editing: batches of {batch_size}" + (", applied sequentially" if config.sequential else "")
                  + f"; GE/RS on a fixed sample of {gen_sample} cases"]  # fmt: skip
-        _append(out, {"type": "header", "config": cfg, "notes": notes, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        append_line(out, {"type": "header", "config": cfg, "notes": notes, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     done = {c["case_id"] for c in existing.cases}
     batches = [list(cases[s : s + batch_size]) for s in range(0, len(cases), batch_size)]
-    todo = [b for b in batches if not all(_json_id(c.case_id) in done for c in b)]
+    todo = [b for b in batches if not all(json_id(c.case_id) in done for c in b)]
     if config.sequential and done and todo:
         raise ConfigMismatchError(
             out, ["sequential: the file holds part of a sequential run, which cannot be resumed batch by batch"]
@@ -163,18 +158,18 @@ def run_batch_evaluation(
         made first, batched across cases (``gen_batch_rows``)."""
 
         def gen(c: EvalCase) -> bool:
-            return _json_id(c.case_id) in gen_ids and bool(c.generation_prompts)
+            return json_id(c.case_id) in gen_ids and bool(c.generation_prompts)
 
         need = [c for c in group if gen(c) and (pres is not None or cache is None or cache.get(c.case_id, True) is None)]
         made: dict[Any, Any] = {}
         if need:
             bar.set_postfix_str(f"generating for {len(need)} cases")
             gens = many_case_generations(model, tok, need, config, batch_rows=gen_batch_rows)
-            made = {_json_id(c.case_id): g for c, g in zip(need, gens, strict=True)}
+            made = {json_id(c.case_id): g for c, g in zip(need, gens, strict=True)}
             bar.set_postfix_str("")
         out = []
         for case in group:
-            cid = _json_id(case.case_id)
+            cid = json_id(case.case_id)
             pre = None if pres is None else pres[cid]
 
             def now(case: EvalCase = case, pre: Any = pre, cid: Any = cid) -> Any:
@@ -200,29 +195,29 @@ def run_batch_evaluation(
         bar.update(len(batch))
         found = getattr(result, "diagnostics", None) or []
         for j, c in enumerate(batch):
-            diagnostics[_json_id(c.case_id)] = scalar_diagnostics(found[j]) if j < len(found) else {}
-        return {_json_id(c.case_id): per_case for c in batch}
+            diagnostics[json_id(c.case_id)] = scalar_diagnostics(found[j]) if j < len(found) else {}
+        return {json_id(c.case_id): per_case for c in batch}
 
     try:
-        pres = {_json_id(c.case_id): m for c, m in zip(todo_cases, measure_all(todo_cases), strict=True)}
+        pres = {json_id(c.case_id): m for c, m in zip(todo_cases, measure_all(todo_cases), strict=True)}
         if config.sequential:
             edit_seconds = {}
             checkpoints = []
-            sampled = [c for c in todo_cases if _json_id(c.case_id) in gen_ids and c.generation_prompts]
+            sampled = [c for c in todo_cases if json_id(c.case_id) in gen_ids and c.generation_prompts]
             for k, b in enumerate(todo):
                 edit_seconds.update(apply(k, b))
                 if k + 1 in gen_checkpoints:
                     bar.set_postfix_str(f"fluency after batch {k + 1}: generating for {len(sampled)} cases")
                     gens = many_case_generations(model, tok, sampled, config, batch_rows=gen_batch_rows)
                     bar.set_postfix_str("")
-                    edited = {_json_id(c.case_id) for bb in todo[: k + 1] for c in bb}
+                    edited = {json_id(c.case_id) for bb in todo[: k + 1] for c in bb}
                     checkpoints.append(batch_checkpoint(k + 1, len(edited), sampled, gens, pres, edited))
             posts = measure_all(todo_cases, pres)
             records = checkpoints + [
                 _record(c, pres, post, edit_seconds, diagnostics) for c, post in zip(todo_cases, posts, strict=True)
             ]
             for rec in records:
-                _append(out, rec)
+                append_line(out, rec)
         else:
             for k, b in enumerate(todo):
                 secs = apply(k, b)
@@ -231,7 +226,7 @@ def run_batch_evaluation(
                 finally:
                     session.revert_all()
                 for c, post in zip(b, posts, strict=True):
-                    _append(out, _record(c, pres, post, secs, diagnostics))
+                    append_line(out, _record(c, pres, post, secs, diagnostics))
     finally:
         bar.close()
         session.revert_all()
@@ -253,7 +248,7 @@ def batch_checkpoint(
     ``pres`` (before any edit); ``per_case`` each case's values and whether it was edited."""
     rows = []
     for case, gens in zip(sampled, generations, strict=True):
-        cid = _json_id(case.case_id)
+        cid = json_id(case.case_id)
         now = generation_metrics(gens)
         rows.append({"case_id": case.case_id, "edited": cid in edited, **now,
                      **{f"{m} pre": pres[cid].metrics.get(m) for m in GENERATION_METRICS}})  # fmt: skip
@@ -283,7 +278,7 @@ def batch_checkpoint(
 def _record(
     case: EvalCase, pres: dict[Any, Any], post: Any, edit_seconds: dict[Any, float], diagnostics: dict[Any, dict[str, Any]]
 ) -> dict[str, Any]:
-    cid = _json_id(case.case_id)
+    cid = json_id(case.case_id)
     pre = pres[cid]
     seconds = {
         "edit": edit_seconds[cid],

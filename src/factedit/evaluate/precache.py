@@ -29,7 +29,8 @@ from typing import Any
 
 from ..fingerprint import json_digest
 from .metrics import PromptSetScores
-from .runner import EvalConfig, Measurement, _json_id, environment
+from .results import json_id
+from .runner import EvalConfig, Measurement, environment
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class PreEditCache:
 
     @staticmethod
     def _entry_key(case_id: Any, generation: bool) -> str:
-        return json.dumps([_json_id(case_id), bool(generation)])
+        return json.dumps([json_id(case_id), bool(generation)])
 
     def get(self, case_id: Any, generation: bool) -> Measurement | None:
         """The stored measurement of ``case_id`` (with generations when ``generation``)."""

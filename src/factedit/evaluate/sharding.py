@@ -28,16 +28,8 @@ from typing import Any
 from torch import nn
 
 from .datasets import EvalCase
-from .runner import (
-    ConfigMismatchError,
-    EvalConfig,
-    ResultsFile,
-    Summary,
-    config_differences,
-    read_results,
-    run_evaluation,
-    summarize,
-)
+from .results import ResultsFile, Summary, json_id, read_results, summarize
+from .runner import ConfigMismatchError, EvalConfig, config_differences, run_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +94,7 @@ def merge_results(
             cases[key] = c
     rows = list(cases.values())
     if order is not None:
-        rank = {json.dumps(_json_id(cid), sort_keys=True): i for i, cid in enumerate(order)}
+        rank = {json.dumps(json_id(cid), sort_keys=True): i for i, cid in enumerate(order)}
         rows.sort(key=lambda c: rank.get(json.dumps(c["case_id"], sort_keys=True), len(rank)))
     elif all(isinstance(c["case_id"], (int, float)) and not isinstance(c["case_id"], bool) for c in rows):
         rows.sort(key=lambda c: c["case_id"])
@@ -124,10 +116,6 @@ def merge_results(
 
 def _without_seconds(case: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in case.items() if k != "seconds"}
-
-
-def _json_id(case_id: Any) -> Any:
-    return json.loads(json.dumps(case_id, default=str))
 
 
 def part_path(out: Path, rank: int, world: int) -> Path:
@@ -183,7 +171,7 @@ def run_distributed_evaluation(
         raise RuntimeError(f"rank 0 could not prepare {out}: {problem[0]}")
 
     done = {json.dumps(c["case_id"], sort_keys=True) for c in read_results(out).cases} if out.is_file() else set()
-    mine = [c for c in shard_cases(cases, rank, world) if json.dumps(_json_id(c.case_id), sort_keys=True) not in done]
+    mine = [c for c in shard_cases(cases, rank, world) if json.dumps(json_id(c.case_id), sort_keys=True) not in done]
     part = part_path(out, rank, world)
     failure = None
     try:
