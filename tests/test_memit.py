@@ -137,6 +137,73 @@ def test_alphaedit_total_change_penalty_solves_its_normal_equations():
     assert penalty(drift.double() + dw) < penalty(drift.double() + plain)
 
 
+def test_alphaedit_held_outputs_solve_their_normal_equations():
+    # γ‖(W + ΔW) K_pᵀ − O_pᵀ‖² instead of γ‖ΔW K_pᵀ‖²: ΔW (G P + α I) = (R Kᵀ + γ E_pᵀ K_p − λ D C) P
+    # with E_p = O_p − K_p Wᵀ; with the earlier rows at their outputs (E_p = 0) the plain update.
+    from factedit.methods.alphaedit import AlphaEditState
+
+    d_in, d_out = 20, 7
+    c, p, k, kp, r = _alphaedit_problem(7, d_in, d_out, n=4, p_rank=12, n_prior=6)
+    g = torch.Generator().manual_seed(8)
+    w, held = torch.randn(d_out, d_in, generator=g), torch.randn(6, d_out, generator=g)
+    drift = 0.3 * torch.randn(d_out, d_in, generator=g)
+    state = AlphaEditState(keys={3: [kp.float()[:2], kp.float()[2:]]}, outputs={3: [held[:2], held[2:]]},
+                           requests=[[None] * 2, [None] * 4])  # type: ignore[list-item]  # fmt: skip
+    pull = state.held_outputs_pull(3, w)
+    kpd, e_p = kp.float().double(), held.double() - kp.float().double() @ w.double().T
+    torch.testing.assert_close(pull, kpd.T @ e_p)
+    lam, alpha, gamma = 0.9, 0.3, 2.0
+    args = (k, r, p, kpd.T @ kpd, alpha, _Arch())
+    dw = alphaedit_delta(*args, mom2=c, mom2_weight=lam, preserved_weight=gamma, drift=drift, held_pull=pull).double()
+    kd, eye = k.double(), torch.eye(d_in, dtype=torch.float64)
+    lhs = dw @ ((kd.T @ kd + gamma * kpd.T @ kpd + lam * c) @ p + alpha * eye)
+    rhs = (r.double().T @ kd + gamma * e_p.T @ kpd - lam * drift.double() @ c) @ p
+    torch.testing.assert_close(lhs, rhs, atol=1e-5, rtol=1e-5)
+    at_rest = AlphaEditState(keys={3: [kp.float()]}, outputs={3: [kp.float() @ w.T]}, requests=[[None] * 6])  # type: ignore[list-item]  # fmt: skip
+    plain = alphaedit_delta(*args, preserved_weight=gamma)
+    plain = (plain.materialize() if hasattr(plain, "materialize") else plain).double()
+    rest = alphaedit_delta(*args, preserved_weight=gamma, held_pull=at_rest.held_outputs_pull(3, w)).double()
+    torch.testing.assert_close(rest, plain, atol=1e-5, rtol=1e-5)
+    # Leaving a request out drops its rows from the pull as from the Gram matrix.
+    torch.testing.assert_close(state.held_outputs_pull(3, w, [1]), kpd[[0, 2, 3, 4, 5]].T @ e_p[[0, 2, 3, 4, 5]])
+
+
+def test_alphaedit_holds_earlier_edits_to_the_outputs_their_batch_left(model, tok, pristine_state):
+    """``hold_prior_outputs``: an earlier batch whose edits were lost (its weights put back by
+    hand while the sequence's state still holds it) is given back by the next batch's write,
+    which asks the earlier keys for the outputs their batch left; with the paper's rows
+    (residual 0) the next batch keeps them lost. The next batch's own edits are the same
+    either way."""
+    from factedit.methods import EditContext
+    from factedit.methods.alphaedit import STATE_KEY
+
+    first = [EditRequest.from_any(r) for r in REQUESTS[:2]]
+    second = [EditRequest.from_any(r) for r in REQUESTS[2:]]
+    hp = {**SMALL, "v_num_grad_steps": 20, "nullspace_threshold": 0.05, "l2": 1.0}
+    outcome = {}
+    try:
+        for hold in (False, True):
+            ctx = EditContext(progress=False)
+            lost = edit(model, tok, first, method="alphaedit", hparams=hp, context=ctx)
+            edited = p_new(model, tok, first)
+            state = ctx.memo[STATE_KEY]
+            assert [len(o) for o in state.outputs.values()] == [1, 1]
+            lost.restore()  # the weights forget the first batch; the state does not
+            assert holds(model, tok, first) == [False, False]
+            result = edit(model, tok, second, method="alphaedit", hparams={**hp, "hold_prior_outputs": hold}, context=ctx)
+            outcome[hold] = (p_new(model, tok, first), holds(model, tok, first), holds(model, tok, second))
+            assert [len(o) for o in state.outputs.values()] == [2, 2]
+            result.restore()
+            assert_weights_equal(model, pristine_state)
+    finally:
+        with torch.no_grad():
+            model.load_state_dict(pristine_state)
+    assert outcome[False][1] == [False, False], outcome
+    assert outcome[True][1] == [True, True], (edited, outcome)
+    assert all(b > 5 * a for a, b in zip(outcome[False][0], outcome[True][0], strict=True)), outcome
+    assert outcome[True][2] == outcome[False][2] and any(outcome[True][2]), outcome
+
+
 def test_alphaedit_total_change_penalty_anchors_at_the_sequence_start(tok, tmp_path):
     """The reference weights are those before the session's first batch; they stay through
     later batches and a partial revert, and a full revert starts a new sequence."""

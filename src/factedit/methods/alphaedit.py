@@ -34,6 +34,15 @@ change that ordinary text sees and the earlier edits' keys do not need, as one j
 all the batches would (λ·tr((D + ΔW) C (D + ΔW)ᵀ), D the change so far; the update gains the
 term −λ D C P in its numerator).
 
+A fifth (``hold_prior_outputs``, not in the paper, off by default) changes what K_p's rows ask
+for: the outputs their own batch left at each layer (γ‖(W + ΔW) K_p − O_p‖², O_p recorded when
+that batch finished) instead of the outputs they have now (γ‖ΔW K_p‖²). Why: with the paper's
+rows every batch re-anchors the earlier edits where the batches since left them, so what one
+batch wears off (by the λ penalty, the total change's pull-back or the keys' drift) is never
+asked back, and the losses compound along the sequence; with O_p a batch also restores them,
+and the sequence solves the problem one joint write of all its batches would (the update gains
+γ (O_p − W K_p)ᵀ K_p in its numerator).
+
 The requests and keys of earlier batches are state that grows across calls: they live in an
 :class:`AlphaEditState` kept in the :class:`~factedit.methods.base.EditContext` (an
 :class:`~factedit.session.EditSession` holds that context and takes keys back out when it
@@ -107,6 +116,13 @@ class AlphaEditHParams(MEMITHParams):
             updates are written). A sequence of batches is then penalised as one joint write
             would be, instead of once per batch. The reference weights are those the state
             saw before its first batch (:attr:`AlphaEditState.anchors`).
+        hold_prior_outputs: the earlier edits' rows in the normal equations ask for the outputs
+            the edited projection gave their keys when their batch finished
+            (:attr:`AlphaEditState.outputs`), not for those it gives them now (``False``: the
+            paper's, residual 0). A batch then also gives back what the batches since took from
+            the earlier edits at each layer; with ``refresh_prior_keys`` the layer is asked to
+            give the subject's key as it is now the output its batch left, which undoes the
+            keys' drift too.
     """
 
     nullspace_threshold: float = 1e-2
@@ -118,6 +134,7 @@ class AlphaEditHParams(MEMITHParams):
     repair_prior_rounds: int = 0
     repair_update_weight: float | None = None
     penalise_total_change: bool = False
+    hold_prior_outputs: bool = False
 
 
 @dataclass
@@ -127,9 +144,15 @@ class AlphaEditState:
     the batch's requests: one row per request, or with ``prior_keys_per_template`` one per
     request and template, scaled so that ``k.T @ k`` is the mean over templates), the
     projectors, per layer, and (``penalise_total_change``) ``anchors``: per layer, the edited
-    projection's weight ``(out, in)`` (float32, CPU) before the first batch written with that option."""
+    projection's weight ``(out, in)`` (float32, CPU) before the first batch written with that option.
+
+    ``outputs`` (per layer, one tensor per batch, ``(rows, out)``, float32, CPU) are the edited
+    projection's outputs for the batch's key rows as they were when the batch finished (after its
+    repair of earlier edits, if any, whose rows are brought up to date then too), row for row
+    with ``keys`` as first stored (the same 1/√T scaling); ``hold_prior_outputs`` asks for them."""
 
     keys: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    outputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     requests: list[list[EditRequest]] = field(default_factory=list)
     projectors: dict[tuple[int, float, int], torch.Tensor] = field(default_factory=dict)
     anchors: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -142,10 +165,22 @@ class AlphaEditState:
         """Forget the requests and keys of all batches after the first ``n_batches`` (with none
         left, the anchors too: the next batch starts a new sequence)."""
         del self.requests[n_batches:]
-        for layer in self.keys:
-            del self.keys[layer][n_batches:]
+        for per_layer in (self.keys, self.outputs):
+            for layer in per_layer:
+                del per_layer[layer][n_batches:]
         if not self.requests:
             self.anchors.clear()
+
+    def _kept_rows(self, parts: list[torch.Tensor], leave_out: Sequence[int]) -> torch.Tensor | None:
+        """A mask over the rows of ``parts`` (one tensor per batch, laid end to end) without the
+        rows of the requests at the positions ``leave_out``; ``None`` keeps them all."""
+        if not leave_out:
+            return None
+        n = sum(len(batch) for batch in self.requests[: len(parts)])
+        rows = sum(len(part) for part in parts)
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[list(leave_out)] = False
+        return keep.repeat_interleave(rows // n)
 
     def gram(self, layer: int, device: torch.device, leave_out: Sequence[int] = ()) -> torch.Tensor | None:
         """Σ K_p K_pᵀ over the earlier batches at ``layer`` (float64), or ``None``; without the
@@ -155,13 +190,54 @@ class AlphaEditState:
         if not parts:
             return None
         k = torch.cat(parts)
-        if leave_out:
-            n = sum(len(batch) for batch in self.requests[: len(parts)])
-            keep = torch.ones(n, dtype=torch.bool)
-            keep[list(leave_out)] = False
-            k = k[keep.repeat_interleave(k.shape[0] // n)]
+        keep = self._kept_rows(parts, leave_out)
+        if keep is not None:
+            k = k[keep]
         k = k.to(device, torch.float64)
         return k.T @ k
+
+    def held_outputs_pull(
+        self, layer: int, weight: torch.Tensor, leave_out: Sequence[int] = ()
+    ) -> torch.Tensor | None:
+        """K_pᵀ (O_p − K_p Wᵀ) ``(in, out)`` (float64, on ``weight``'s device): the earlier
+        batches' stored key rows at ``layer`` times how far the projection ``weight``
+        ``(out, in)`` now puts their outputs from :attr:`outputs`; without the rows of the
+        requests at the positions ``leave_out``. ``None`` without earlier batches."""
+        parts = self.keys.get(layer, [])
+        if not parts:
+            return None
+        outs = self.outputs.get(layer, [])
+        if len(outs) != len(parts):
+            raise RuntimeError(
+                f"layer {layer}: {len(parts)} earlier batches have keys but {len(outs)} have outputs"
+            )
+        k, o = torch.cat(parts), torch.cat(outs)
+        keep = self._kept_rows(parts, leave_out)
+        if keep is not None:
+            k, o = k[keep], o[keep]
+        w = weight.to(torch.float64)
+        k, o = k.to(w.device, torch.float64), o.to(w.device, torch.float64)
+        return k.T @ (o - k @ w.T)
+
+    def record_outputs(self, layer: int, weight: torch.Tensor, requests: Sequence[int] | None = None) -> None:
+        """Set :attr:`outputs` at ``layer`` from the stored keys and the projection ``weight``
+        ``(out, in)``: for the last batch (``requests`` ``None``: its keys' rows appended), or
+        for the requests at the positions ``requests`` of the earlier batches laid end to end
+        (their rows overwritten)."""
+        parts = self.keys[layer]
+        w = weight.detach().float().cpu()
+        outs = self.outputs.setdefault(layer, [])
+        if requests is None:
+            outs.append(parts[-1] @ w.T)
+            return
+        per_request = len(torch.cat(parts)) // sum(len(batch) for batch in self.requests[: len(parts)])
+        start = 0
+        for b, batch in enumerate(self.requests[: len(parts)]):
+            local = [j - start for j in requests if start <= j < start + len(batch)]
+            if local:
+                rows = torch.cat([torch.arange(j * per_request, (j + 1) * per_request) for j in local])
+                outs[b][rows] = parts[b][rows] @ w.T
+            start += len(batch)
 
 
 def state_of(context: EditContext) -> AlphaEditState:
@@ -213,6 +289,7 @@ def alphaedit_delta(
     mom2_weight: float = 0.0,
     preserved_weight: float = 1.0,
     drift: torch.Tensor | None = None,
+    held_pull: torch.Tensor | None = None,
 ) -> LowRankDelta | torch.Tensor:
     """ΔW = R Kᵀ P (K Kᵀ P + γ K_p K_pᵀ P + λ C P + α I)⁻¹ for keys ``(n, in)`` and residuals
     ``(n, out)`` (C = ``mom2``, λ = ``mom2_weight``, γ = ``preserved_weight``; with λ = 0 and
@@ -222,7 +299,11 @@ def alphaedit_delta(
 
     ``drift`` D ``(out, in)``, the change the weight already carries: the penalty is then
     λ tr((D + ΔW) C (D + ΔW)ᵀ), which puts −λ D C beside R Kᵀ:
-    ΔW = (R Kᵀ − λ D C) P (K Kᵀ P + γ K_p K_pᵀ P + λ C P + α I)⁻¹ (dense)."""
+    ΔW = (R Kᵀ − λ D C) P (K Kᵀ P + γ K_p K_pᵀ P + λ C P + α I)⁻¹ (dense).
+
+    ``held_pull`` ``(in, out)``, K_pᵀ E_p with E_p = O_p − K_p Wᵀ the earlier rows' distance from
+    the outputs they are held to (:meth:`AlphaEditState.held_outputs_pull`): the earlier rows'
+    term is then γ‖(W + ΔW) K_p − O_p‖², which puts γ E_pᵀ K_p beside R Kᵀ (dense)."""
     p = projector.to(torch.float64)
     k = keys.to(p.device, torch.float64)  # (n, in)
     g = k.T @ k
@@ -235,13 +316,19 @@ def alphaedit_delta(
     a = p @ g + l2 * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     x = torch.linalg.solve(a, p @ k.T)  # (in, n)
     delta = as_weight_delta(resid.to(p.device, torch.float64).T, x, arch)
-    if drift is None or mom2 is None or mom2_weight <= 0:
+    # The other terms of the numerator, each (in, out) in the transposed form: −λ C Dᵀ for the
+    # total change, γ K_pᵀ E_p for the held outputs. With either, the update is dense.
+    pull = None
+    if drift is not None and mom2 is not None and mom2_weight > 0:
+        pull = -mom2_weight * (mom2.to(p.device, torch.float64) @ drift.to(p.device, torch.float64).T)
+    if held_pull is not None and preserved_weight > 0:
+        held = preserved_weight * held_pull.to(p.device, torch.float64)
+        pull = held if pull is None else pull + held
+    if pull is None:
         return delta
-    # ΔWᵀ gains −(P G + α I)⁻¹ P λ C Dᵀ, an (in, out) matrix: the update is dense from here.
-    c = mom2.to(p.device, torch.float64)
-    back = torch.linalg.solve(a, p @ (mom2_weight * (c @ drift.to(p.device, torch.float64).T)))  # (in, out)
+    extra = torch.linalg.solve(a, p @ pull)  # (in, out)
     dense = materialize(delta).to(torch.float64)
-    return (dense - (back if arch.mlp_out_transposed else back.T)).float()
+    return (dense + (extra if arch.mlp_out_transposed else extra.T)).float()
 
 
 class AlphaEdit(MEMIT):
@@ -269,6 +356,7 @@ class AlphaEdit(MEMIT):
         self.repaired: list[int] = []
         self._projectors = {}
         self._drift: dict[int, torch.Tensor] = {}
+        self._held: dict[int, torch.Tensor] = {}
         for layer in hp.layers:
             if hp.penalise_total_change and layer not in self._state.anchors:
                 self._state.anchors[layer] = arch.mlp_out_weight_as_out_in(model, layer).detach().float().cpu().clone()
@@ -287,7 +375,8 @@ class AlphaEdit(MEMIT):
         if self._repairing and hp.repair_update_weight is not None:
             weight = hp.repair_update_weight
         return alphaedit_delta(keys, resid, p, gram, hp.l2, arch, mom2=mom2, mom2_weight=weight,
-                               preserved_weight=hp.prior_keys_weight, drift=self._drift.pop(layer, None))  # fmt: skip
+                               preserved_weight=hp.prior_keys_weight, drift=self._drift.pop(layer, None),
+                               held_pull=self._held.pop(layer, None))  # fmt: skip
 
     def before_update(self, w: Write, layer: int) -> None:  # type: ignore[override]
         state = self._state
@@ -296,8 +385,18 @@ class AlphaEdit(MEMIT):
             # included: the penalty is on the weight's whole change since the anchor.
             now = w.arch.mlp_out_weight_as_out_in(w.model, layer).detach().float()
             self._drift[layer] = now - state.anchors[layer].to(now.device)
-        if not w.hparams.refresh_prior_keys or not state.requests:  # type: ignore[attr-defined]
-            return
+        if w.hparams.refresh_prior_keys and state.requests:  # type: ignore[attr-defined]
+            self._refresh_prior_keys(w, layer)
+        if w.hparams.hold_prior_outputs and state.requests:  # type: ignore[attr-defined]
+            # After the refresh: the earlier subjects' keys as they are now are held to the
+            # outputs their batch left.
+            weight = w.arch.mlp_out_weight_as_out_in(w.model, layer).detach()
+            pull = state.held_outputs_pull(layer, weight, self._leave_out)
+            if pull is not None:
+                self._held[layer] = pull
+
+    def _refresh_prior_keys(self, w: Write, layer: int) -> None:
+        state = self._state
         # The passes go up the range as the writes do: each resumes from the block input the
         # pass below recorded (valid: only the layers below it changed since, and those before
         # the recording), so a batch's refresh costs about one pass to the top layer. A new
@@ -327,6 +426,7 @@ class AlphaEdit(MEMIT):
             return False
         earlier = [r for batch in state.requests for r in batch]
         among: list[int] | None = None
+        repaired: set[int] = set()
         for _ in range(rounds):
             check = list(range(len(earlier))) if among is None else among
             failed, z = failing_targets(w, earlier, check)
@@ -343,6 +443,14 @@ class AlphaEdit(MEMIT):
             finally:
                 self._leave_out, self._prior_from, self._repairing = [], None, False
             among = failed
+            repaired.update(failed)
+        if repaired:
+            # The repaired edits are held from now on to the outputs the repair wrote (their
+            # stored keys are those its write read: current unless later rounds moved the
+            # layers below, as for the batch's own keys).
+            for layer in w.keys:
+                weight = w.arch.mlp_out_weight_as_out_in(w.model, layer)
+                state.record_outputs(layer, weight, sorted(repaired))
         return bool(self.repaired)
 
     def finish(self, w: Write, requests: list[EditRequest]) -> None:  # type: ignore[override]
@@ -358,5 +466,7 @@ class AlphaEdit(MEMIT):
                     keys[layer], rec = prior_keys(w, layer, requests, rec)
         for layer, k in keys.items():
             state.keys.setdefault(layer, []).append(k)
+            # Recorded whether or not this call holds outputs, so that a later batch may.
+            state.record_outputs(layer, w.arch.mlp_out_weight_as_out_in(w.model, layer))
         state.requests.append(list(requests))
         self._prior_from = None
