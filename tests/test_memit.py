@@ -493,6 +493,34 @@ def test_a_retry_round_raises_the_requests_that_did_not_hold_and_pins_the_others
     assert all(d["retried"] >= 1 for d, h in zip(d2, held, strict=True) if not h)
 
 
+def test_alphaedit_retries_under_the_total_change_penalty_keep_the_pinned_edits(model, tok, unchanged_after):
+    """With ``penalise_total_change`` the batch's main write pulls the earlier change back; a
+    retry penalises only its own change, so the requests that held stay where they were and
+    the failing ones rise. ``total_change_in_follow_ups`` (the behaviour before the fix) makes
+    the retry pull back this batch's own first write too, and the pinned edits fall."""
+    hp = {**SMALL, "mom2_update_weight": 2000.0, "penalise_total_change": True}
+    reqs = [EditRequest.from_any(r) for r in REQUESTS]
+    runs = {}
+    for label, extra in {"none": {"retry_rounds": 0}, "fixed": {"retry_rounds": 1},
+                         "old": {"retry_rounds": 1, "total_change_in_follow_ups": True}}.items():  # fmt: skip
+        result = edit(model, tok, REQUESTS, method="alphaedit", hparams={**hp, **extra})
+        try:
+            runs[label] = (holds(model, tok, reqs), p_new(model, tok, REQUESTS))
+        finally:
+            result.restore()
+    held, p0 = runs["none"]
+    assert any(held) and not all(held), f"the setting must leave some requests failing: {held}"
+    pinned = [j for j, h in enumerate(held) if h]
+    failing = [j for j, h in enumerate(held) if not h]
+    fixed, old = runs["fixed"][1], runs["old"][1]
+    for j in pinned:
+        assert fixed[j] == pytest.approx(p0[j], abs=0.02), REQUESTS[j]["subject"]
+    assert all(runs["fixed"][0][j] for j in pinned)
+    assert sum(fixed[j] for j in failing) > 1.5 * sum(p0[j] for j in failing)
+    # Pulled back twice, the pinned edits lose what the main write gave them.
+    assert sum(old[j] for j in pinned) < sum(fixed[j] for j in pinned) - 0.05
+
+
 def test_memit_refuses_conflicting_requests(model, tok, unchanged_after):
     clash = [REQUESTS[0], {**REQUESTS[0], "target_new": {"str": "Berlin"}}]
     with pytest.raises(InvalidRequestError, match="requests 0 and 1 .*different targets"):
