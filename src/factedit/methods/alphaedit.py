@@ -66,7 +66,6 @@ from .memit import (
     MEMIT,
     BlockInputs,
     MEMITHParams,
-    Spread,
     Write,
     as_weight_delta,
     failing_targets,
@@ -121,11 +120,10 @@ class AlphaEditHParams(MEMITHParams):
             own change, see ``total_change_in_follow_ups``.
         total_change_in_follow_ups: with ``penalise_total_change``, the follow-up writes
             (retries, repairs) penalise the whole change since the anchors too (``False``, the
-            default: their own change only). Stops 43-45 ran with this on, which was a bug:
-            every follow-up write pulled the total change back again, this batch's first write
-            included, at a weight (λ·E[kkᵀ]) far above that of the pinned requests' rows, so a
-            retry of two requests took back dozens of the batch's edits that its check had
-            just found holding (a batch of 50 at λ = 2000: 2 retried, 23 of 50 holding after).
+            default: their own change only). On, each follow-up pulls the batch's own main
+            write back too, at a weight (λ·E[kkᵀ]) far above that of the pinned rows, and
+            undoes edits its check just found holding: the behaviour before stop 46's fix,
+            kept to reproduce earlier measurements (docs/mass_editing.md).
         hold_prior_outputs: the earlier edits' rows in the normal equations ask for the outputs
             the edited projection gave their keys when their batch finished
             (:attr:`AlphaEditState.outputs`), not for those it gives them now (``False``: the
@@ -368,7 +366,6 @@ class AlphaEdit(MEMIT):
         self._projectors = {}
         self._drift: dict[int, torch.Tensor] = {}
         self._held: dict[int, torch.Tensor] = {}
-        self._follow_up = False
         for layer in hp.layers:
             if hp.penalise_total_change and layer not in self._state.anchors:
                 self._state.anchors[layer] = arch.mlp_out_weight_as_out_in(model, layer).detach().float().cpu().clone()
@@ -390,22 +387,10 @@ class AlphaEdit(MEMIT):
                                preserved_weight=hp.prior_keys_weight, drift=self._drift.pop(layer, None),
                                held_pull=self._held.pop(layer, None))  # fmt: skip
 
-    def spread(  # type: ignore[override]
-        self, w: Write, requests: list[EditRequest], z: torch.Tensor, rounds: int,
-        pinned: dict[int, torch.Tensor] | None = None,
-    ) -> Spread:  # fmt: skip
-        # A write with pinned requests is a follow-up (a retry or a repair) of the batch's
-        # main write, the only one without.
-        self._follow_up = pinned is not None
-        try:
-            return super().spread(w, requests, z, rounds, pinned)
-        finally:
-            self._follow_up = False
-
-    def before_update(self, w: Write, layer: int) -> None:  # type: ignore[override]
+    def before_update(self, w: Write, layer: int, follow_up: bool = False) -> None:  # type: ignore[override]
         state = self._state
         hp = w.hparams
-        if hp.penalise_total_change and (not self._follow_up or hp.total_change_in_follow_ups):  # type: ignore[attr-defined]
+        if hp.penalise_total_change and (not follow_up or hp.total_change_in_follow_ups):  # type: ignore[attr-defined]
             # The change so far, this call's earlier writes of the layer included: the penalty
             # is on the weight's whole change since the anchor. Once per batch: its main write
             # pulls the earlier change back; the follow-ups only fix what it left.

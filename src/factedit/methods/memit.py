@@ -313,7 +313,7 @@ class MEMIT(EditMethod):
                     resid = torch.cat([resid, resid.new_zeros(len(pinned[layer]), resid.shape[1])])
                 if carry:
                     before = arch.mlp_out_weight_as_out_in(w.model, layer).detach().float().clone()
-                self.before_update(w, layer)
+                self.before_update(w, layer, follow_up=pinned is not None)
                 with w.timer("update"):
                     delta = self.layer_update(layer, keys, resid, w.mom2[layer], hp, arch)
                     w.editor.apply({arch.mlp_out_weight_name(layer): delta})
@@ -359,8 +359,10 @@ class MEMIT(EditMethod):
                 context: EditContext, mom2: dict[int, torch.Tensor]) -> None:  # fmt: skip
         """Called once per edit, after the statistics are read and before any update."""
 
-    def before_update(self, w: Write, layer: int) -> None:
-        """Called before each update of ``layer``, on the model as edited so far."""
+    def before_update(self, w: Write, layer: int, follow_up: bool = False) -> None:
+        """Called before each update of ``layer``, on the model as edited so far;
+        ``follow_up``: the write is a retry or repair (it has pinned requests) after the
+        batch's main write."""
 
     def layer_update(
         self, layer: int, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, hp: MEMITHParams, arch: ModelArch
