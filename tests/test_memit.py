@@ -521,6 +521,48 @@ def test_alphaedit_retries_under_the_total_change_penalty_keep_the_pinned_edits(
     assert sum(old[j] for j in pinned) < sum(fixed[j] for j in pinned) - 0.05
 
 
+def test_alphaedit_held_outputs_pull_in_the_main_write_only(model, tok, pristine_state, monkeypatch):
+    """With ``hold_prior_outputs`` the earlier batch's rows are pulled to their held outputs once
+    per batch, in its main write: a retry holds them where they are, as it does the pinned
+    requests. ``held_outputs_in_follow_ups`` (the behaviour before the fix) pulls them again in
+    every retry."""
+    from factedit.methods import EditContext
+    from factedit.methods.alphaedit import AlphaEditState
+
+    pulls: list[int] = []
+    original = AlphaEditState.held_outputs_pull
+
+    def counting(self, layer, weight, leave_out=()):
+        pulls.append(layer)
+        return original(self, layer, weight, leave_out)
+
+    monkeypatch.setattr(AlphaEditState, "held_outputs_pull", counting)
+    first, second = REQUESTS[:2], REQUESTS[2:]
+    hp = {**SMALL, "v_num_grad_steps": 20, "nullspace_threshold": 0.05, "l2": 1.0, "mom2_update_weight": 2000.0,
+          "penalise_total_change": True, "hold_prior_outputs": True, "retry_rounds": 1}  # fmt: skip
+    runs = {}
+    try:
+        for label, extra in {"fixed": {}, "old": {"held_outputs_in_follow_ups": True}}.items():
+            ctx = EditContext(progress=False)
+            edit(model, tok, first, method="alphaedit", hparams=hp, context=ctx)
+            pulls.clear()
+            result = edit(model, tok, second, method="alphaedit", hparams={**hp, **extra}, context=ctx)
+            runs[label] = (list(pulls), [d["retried"] for d in result.diagnostics],
+                           holds(model, tok, [EditRequest.from_any(r) for r in second]))  # fmt: skip
+            with torch.no_grad():
+                model.load_state_dict(pristine_state)
+    finally:
+        with torch.no_grad():
+            model.load_state_dict(pristine_state)
+    layers = SMALL["layers"]
+    # The setting leaves one request of the second batch failing after its main write: one retry.
+    assert runs["fixed"][1] == runs["old"][1] and 0 in runs["fixed"][1] and 1 in runs["fixed"][1], runs
+    assert runs["fixed"][0] == layers, runs
+    assert runs["old"][0] == layers + layers, runs
+    # The request the retry pinned still holds after it.
+    assert all(h for h, r in zip(runs["fixed"][2], runs["fixed"][1], strict=True) if r == 0), runs
+
+
 def test_memit_refuses_conflicting_requests(model, tok, unchanged_after):
     clash = [REQUESTS[0], {**REQUESTS[0], "target_new": {"str": "Berlin"}}]
     with pytest.raises(InvalidRequestError, match="requests 0 and 1 .*different targets"):

@@ -130,7 +130,14 @@ class AlphaEditHParams(MEMITHParams):
             paper's, residual 0). A batch then also gives back what the batches since took from
             the earlier edits at each layer; with ``refresh_prior_keys`` the layer is asked to
             give the subject's key as it is now the output its batch left, which undoes the
-            keys' drift too.
+            keys' drift too. The pull acts in the batch's main write only; its follow-up
+            writes hold the earlier rows where they are (residual 0), see
+            ``held_outputs_in_follow_ups``.
+        held_outputs_in_follow_ups: with ``hold_prior_outputs``, the follow-up writes (retries,
+            repairs) pull the earlier rows to their held outputs too (``False``, the default:
+            the main write only). On, each retry asks again for what the main write left
+            (which the projector keeps it from meeting) and moves the pinned requests to give
+            it: the behaviour before stop 47's fix, kept to reproduce earlier measurements.
     """
 
     nullspace_threshold: float = 1e-2
@@ -144,6 +151,7 @@ class AlphaEditHParams(MEMITHParams):
     penalise_total_change: bool = False
     total_change_in_follow_ups: bool = False
     hold_prior_outputs: bool = False
+    held_outputs_in_follow_ups: bool = False
 
 
 @dataclass
@@ -398,9 +406,12 @@ class AlphaEdit(MEMIT):
             self._drift[layer] = now - state.anchors[layer].to(now.device)
         if w.hparams.refresh_prior_keys and state.requests:  # type: ignore[attr-defined]
             self._refresh_prior_keys(w, layer)
-        if w.hparams.hold_prior_outputs and state.requests:  # type: ignore[attr-defined]
+        if (hp.hold_prior_outputs and state.requests  # type: ignore[attr-defined]
+                and (not follow_up or hp.held_outputs_in_follow_ups)):  # type: ignore[attr-defined]
             # After the refresh: the earlier subjects' keys as they are now are held to the
-            # outputs their batch left.
+            # outputs their batch left. Once per batch, as the total change's pull-back: a
+            # follow-up that pulled them again would trade the pinned requests for what the
+            # main write could not give back (the projector keeps it from giving it all).
             weight = w.arch.mlp_out_weight_as_out_in(w.model, layer).detach()
             pull = state.held_outputs_pull(layer, weight, self._leave_out)
             if pull is not None:
