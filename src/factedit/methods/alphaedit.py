@@ -397,21 +397,23 @@ class AlphaEdit(MEMIT):
 
     def before_update(self, w: Write, layer: int, follow_up: bool = False) -> None:  # type: ignore[override]
         state = self._state
-        hp = w.hparams
-        if hp.penalise_total_change and (not follow_up or hp.total_change_in_follow_ups):  # type: ignore[attr-defined]
+        hp: AlphaEditHParams = w.hparams  # type: ignore[assignment]
+        # The pulls toward earlier states (the total change's pull-back, the held outputs)
+        # act once per batch, in its main write. A follow-up (retry, repair) that pulled again
+        # would trade the requests it pins for what the main write could not give back (the
+        # projector keeps it from giving it all); each flag restores that old behaviour.
+        total_change = hp.penalise_total_change and (not follow_up or hp.total_change_in_follow_ups)
+        held = hp.hold_prior_outputs and bool(state.requests) and (not follow_up or hp.held_outputs_in_follow_ups)
+        if total_change:
             # The change so far, this call's earlier writes of the layer included: the penalty
-            # is on the weight's whole change since the anchor. Once per batch: its main write
-            # pulls the earlier change back; the follow-ups only fix what it left.
+            # is on the weight's whole change since the anchor.
             now = w.arch.mlp_out_weight_as_out_in(w.model, layer).detach().float()
             self._drift[layer] = now - state.anchors[layer].to(now.device)
-        if w.hparams.refresh_prior_keys and state.requests:  # type: ignore[attr-defined]
+        if hp.refresh_prior_keys and state.requests:
             self._refresh_prior_keys(w, layer)
-        if (hp.hold_prior_outputs and state.requests  # type: ignore[attr-defined]
-                and (not follow_up or hp.held_outputs_in_follow_ups)):  # type: ignore[attr-defined]
+        if held:
             # After the refresh: the earlier subjects' keys as they are now are held to the
-            # outputs their batch left. Once per batch, as the total change's pull-back: a
-            # follow-up that pulled them again would trade the pinned requests for what the
-            # main write could not give back (the projector keeps it from giving it all).
+            # outputs their batch left.
             weight = w.arch.mlp_out_weight_as_out_in(w.model, layer).detach()
             pull = state.held_outputs_pull(layer, weight, self._leave_out)
             if pull is not None:
