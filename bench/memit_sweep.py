@@ -42,7 +42,7 @@ METRICS = ("ES", "PS", "NS", "EM", "PM", "ES-acc", "PS-acc")
 VALUE_FIELDS = frozenset({
     "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "kl_prompts",
     "early_stop_loss", "value_dtype", "replay_lower_layers", "value_margin", "value_batch_size",
-    "context_templates", "template_seed",
+    "context_templates", "template_seed", "repeat_factor",
 })  # fmt: skip
 
 

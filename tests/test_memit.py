@@ -264,7 +264,7 @@ def test_alphaedit_state_gram_leaves_out_requests_with_all_their_template_rows()
 
 
 @pytest.mark.parametrize("bad", [{"repair_prior_rounds": -1}, {"prior_keys_weight": -1.0}, {"retry_rounds": -1},
-                                 {"repair_update_weight": -1.0}])  # fmt: skip
+                                 {"repair_update_weight": -1.0}, {"repeat_factor": -1.0}])  # fmt: skip
 def test_alphaedit_refuses_negative_counts_and_weights_before_editing(model, tok, unchanged_after, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         edit(model, tok, REQUESTS[:1], method="alphaedit", hparams={**SMALL, **bad})

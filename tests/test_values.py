@@ -46,6 +46,48 @@ def test_rows_align_the_subject_and_mark_targets(tok, setup):
     assert len(set(rows0.tolist())) == len(templates)
 
 
+def test_repeat_rows_carry_the_whole_target_and_keep_the_nll_terms(tok, setup):
+    """With ``repeat`` every rewrite row ends with the whole target, and its last column (the
+    target's last token) is where the target following itself is penalised; the NLL terms are
+    the ones without it."""
+    _, hp, templates = setup
+    plain = build_rows(tok, REQUESTS[:2], templates, hp.kl_prompts, [None, None])
+    rep = build_rows(tok, REQUESTS[:2], templates, hp.kl_prompts, [None, None], repeat=True)
+    assert plain.rep_row.numel() == 0
+    assert rep.split == plain.split
+    for name in ("nll_row", "nll_pos", "nll_tok", "nll_w", "first_pos", "request", "is_kl"):
+        assert torch.equal(getattr(rep, name), getattr(plain, name)), name
+    assert rep.rep_row.numel() == 2 * len(templates)
+    assert not rep.is_kl[rep.rep_row].any()
+    for row, pos in zip(rep.rep_row.tolist(), rep.rep_pos.tolist(), strict=True):
+        target = tok(REQUESTS[int(rep.request[row])].target_text, add_special_tokens=False)["input_ids"]
+        # The column predicting what follows the target holds the target's last token, right
+        # after the column of the last NLL term (which predicts that token).
+        assert int(rep.input_ids[row, pos]) == target[-1]
+        assert pos == int(rep.nll_pos[rep.nll_row == row].max()) + 1
+        assert int(rep.last_pos[row]) == pos
+    assert torch.allclose(rep.rep_w.sum(), torch.tensor(2.0))
+
+
+def test_repeat_factor_keeps_the_target_from_following_itself(model, tok, setup, pristine_state):
+    """Without the term, the δ that makes "actor" Mary Renault's occupation also makes "actor"
+    follow "actor" (P ≈ 0.14 on the default model); with ``repeat_factor`` that probability
+    falls by far more than half while the target still reaches the early stop."""
+    arch, hp, templates = setup
+    req = [EditRequest("The occupation of {} is", "Mary Renault", "actor")]
+    # A negligible weight measures the probability without steering δ.
+    (ref,) = optimize_values(model, tok, req, arch, hp.layer, templates, ValueConfig.from_hparams(hp, repeat_factor=1e-6))
+    (pen,) = optimize_values(model, tok, req, arch, hp.layer, templates, ValueConfig.from_hparams(hp, repeat_factor=20.0))
+    assert ref.repeat_prob is not None and pen.repeat_prob is not None
+    assert ref.repeat_prob > 0.05, ref.repeat_prob
+    assert pen.repeat_prob < 0.2 * ref.repeat_prob, (pen.repeat_prob, ref.repeat_prob)
+    assert ref.done and pen.done and pen.nll < hp.early_stop_loss
+    assert pen.info()["v_repeat_prob"] == pen.repeat_prob
+    (off,) = optimize_values(model, tok, req, arch, hp.layer, templates, ValueConfig.from_hparams(hp, steps=2))
+    assert off.repeat_prob is None and "v_repeat_prob" not in off.info()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in pristine_state.items())
+
+
 def test_batched_equals_one_at_a_time(model, tok, setup, pristine_state):
     """Each request's δ gets exactly its own gradient in the batch, so batching three requests
     gives the same values as three separate optimisations (float32, up to summation order)."""

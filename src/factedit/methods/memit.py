@@ -68,7 +68,7 @@ class MEMITHParams(HParams):
             values are optimised after the top one.
         context_templates, template_seed: generated prefixes (as ROME's).
         v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, kl_prompts,
-            early_stop_loss, value_dtype, replay_lower_layers, value_margin: the value
+            early_stop_loss, value_dtype, replay_lower_layers, value_margin, repeat_factor: the value
             optimisation (see :class:`factedit.values.ValueConfig`); the clamp is relative to
             the norm of the top layer's MLP output.
         value_batch_size: requests optimised together in one batch (memory grows with it).
@@ -111,6 +111,7 @@ class MEMITHParams(HParams):
     value_dtype: str | None = None
     replay_lower_layers: bool = True
     value_margin: float | None = 0.0
+    repeat_factor: float = 0.0
     value_batch_size: int = 16
     key_batch_rows: int = 128
     mom2_update_weight: float = 15000.0

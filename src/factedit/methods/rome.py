@@ -90,6 +90,8 @@ class ROMEHParams(HParams):
             every prompt; ``None`` stops on the NLL alone (the research code).
         prefix_cache: in the value optimisation, compute the tokens before the subject's last
             one once and run only the rest at each step (same values, about 2x faster).
+        repeat_factor: weight of the value optimisation's penalty on the target following
+            itself (see :class:`factedit.values.ValueConfig`); 0: off.
         efficacy_retries: after the update is applied, the new target must beat the old one on
             the request prompt; if it does not, the update is taken back and retried up to
             this many times: with ``key_mode="mean"`` (or ``"min"``), first as a ``"each"``
@@ -124,6 +126,7 @@ class ROMEHParams(HParams):
     efficacy_retries: int = 2
     efficacy_min_prob: float = 0.0
     prefix_cache: bool = True
+    repeat_factor: float = 0.0
 
     def adapt(self, arch: ModelArch) -> ROMEHParams:
         # ROME's sweeps put the best layer in the lower third of the network (17 of 48 in
