@@ -4,6 +4,7 @@ For each request a vector δ is added to the output of one MLP at the subject's 
 optimised so that the new target follows the request's prompt in every context template,
 while a KL term keeps the next-token distribution after "{subject} is a" where it was, a
 weight decay keeps δ small and a clamp bounds ‖δ‖ (Meng et al. 2022, 2023). v* = v₀ + δ.
+Optionally (``repeat_factor``) an unlikelihood term keeps the target from following itself.
 
 Every request has its own δ, its own early stop and its own clamp, but all of them run in
 one batched forward/backward pass: the loss is the sum of the requests' losses, and since
@@ -76,8 +77,8 @@ class ValueConfig:
         repeat_factor: weight of an unlikelihood term, −log(1 − P(the new target's first
             token)), at the token after the whole target on every rewrite prompt: δ must not
             make the target follow itself. Without it the edited model's generations can
-            loop on the target ("is a philosopher philosopher philosopher ..."), which is
-            most of the fluency (GE) a mass edit loses. 0: off (the research code).
+            loop on the target ("is a philosopher philosopher philosopher ..."), one part of
+            the fluency (GE) a mass edit loses. 0: off (the research code).
     """
 
     steps: int = 20
@@ -192,8 +193,8 @@ class _Rows:
     """Every request's prompts in one batch, aligned on the subject's last token.
 
     Row kinds: rewrite rows (a template filled with the request's prompt, followed by the new
-    target's tokens but the last, or all of them with ``repeat``) and KL rows (a KL prompt filled with the subject). Each row
-    is left-padded up to its subject's last token, which sits at column ``split`` in every
+    target's tokens but the last, or all of them with ``repeat``) and KL rows (a KL prompt
+    filled with the subject). Each row is left-padded up to its subject's last token, which sits at column ``split`` in every
     row, and right-padded after its last token. Columns before ``split`` do not depend on δ
     (the model is causal), so their keys and values can be computed once.
     """
@@ -597,13 +598,14 @@ def _optimize(
             kl_terms = torch.nn.functional.kl_div(kl_lp, ref, log_target=True, reduction="none").sum(-1)
             kl = per_request(kl_terms / max(len(cfg.kl_prompts), 1), state["kl_req"])
             wd = cfg.weight_decay * torch.stack([d.norm() ** 2 for d in deltas]) / v0_norm2
-            repeat_term, repeat_prob = torch.zeros(n_req, device=device), None
+            loss_terms = nll + cfg.kl_factor * kl + wd
+            repeat_prob = None
             if cfg.repeat_factor > 0:
                 rr, rpos, rw, rrq = state["rep"]
                 p_again = torch.softmax(logits_at(h, rr, rpos), dim=-1)[torch.arange(len(rrq), device=device), new_first[rrq]]
                 # Unlikelihood: −log(1 − p) is ~p while the target rarely follows itself and
                 # grows without bound as δ makes it loop.
-                repeat_term = per_request(-torch.log1p(-p_again.clamp(max=1 - 1e-6)) * rw, rrq)
+                loss_terms = loss_terms + cfg.repeat_factor * per_request(-torch.log1p(-p_again.clamp(max=1 - 1e-6)) * rw, rrq)
                 repeat_prob = per_request(p_again.detach() * rw, rrq).cpu()
             nll_d, worst_c = nll.detach().cpu(), worst.cpu()
             for j in act_idx:
@@ -631,7 +633,7 @@ def _optimize(
                 bar.set_postfix(active=int(active.sum()), nll=f"{float(nll_d[act_idx].mean()):.3f}")
             if last or not active.any():
                 break
-            loss = ((nll + cfg.kl_factor * kl + wd + cfg.repeat_factor * repeat_term) * active.to(device)).sum()
+            loss = (loss_terms * active.to(device)).sum()
             loss.backward()
             for j in range(n_req):
                 if not active[j]:
