@@ -18,7 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(nproc: int, layer: int, tokens: int) -> float:
-    args = ["stats", "--layer", str(layer), "--tokens", str(tokens), "--recompute", "--threads", "1"]
+    args = [
+        "stats",
+        "--layer",
+        str(layer),
+        "--tokens",
+        str(tokens),
+        "--recompute",
+        "--threads",
+        "1",
+    ]
     if nproc > 1:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -41,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     one = run(1, args.layer, args.tokens)
     many = run(args.nproc, args.layer, args.tokens)
-    print(f"layer {args.layer}, {args.tokens} tokens, one thread per process, {os.cpu_count()} cores; load average before: {os.getloadavg()[0]:.1f}")
+    print(
+        f"layer {args.layer}, {args.tokens} tokens, one thread per process, {os.cpu_count()} cores; load average before: {os.getloadavg()[0]:.1f}"
+    )
     print(f"1 process:           {one:,.0f} tokens/s")
     print(f"{args.nproc} processes (gloo): {many:,.0f} tokens/s = {many / one:.2f}x")
     print("command: python " + " ".join(["bench/bench_dist_stats.py", *sys.argv[1:]]))

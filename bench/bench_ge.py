@@ -41,9 +41,18 @@ def main() -> None:
     model, tok = load_model()
     loaded = load_dataset(path, limit=args.offset + 4 * args.cases)
     cases = [c for c in loaded[args.offset :] if c.generation_prompts][: args.cases]
-    cfg = make_config(model, method="memit", hparams=None, model_name="smollm2-135m", dataset=path, kind="counterfact")
+    cfg = make_config(
+        model,
+        method="memit",
+        hparams=None,
+        model_name="smollm2-135m",
+        dataset=path,
+        kind="counterfact",
+    )
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"model smollm2-135m float32, torch threads {torch.get_num_threads()}, {len(cases)} cases of {path.name}")
+    print(
+        f"model smollm2-135m float32, torch threads {torch.get_num_threads()}, {len(cases)} cases of {path.name}"
+    )
 
     def ge(gens: list) -> float:
         return mean_ci([generation_entropy(g.texts) for g in gens]).mean
@@ -53,14 +62,20 @@ def main() -> None:
         t0 = time.perf_counter()
         single = [case_generations(model, tok, c, cfg) for c in cases]
         secs = time.perf_counter() - t0
-        print(f"one case per call: {secs:.1f} s ({secs / len(cases):.2f} s per case), GE {ge(single):.4f}")
+        print(
+            f"one case per call: {secs:.1f} s ({secs / len(cases):.2f} s per case), GE {ge(single):.4f}"
+        )
     for rows in (int(r) for r in args.rows.split(",")):
         t0 = time.perf_counter()
         many = many_case_generations(model, tok, cases, cfg, batch_rows=rows)
         secs = time.perf_counter() - t0
         line = f"batch_rows {rows}: {secs:.1f} s ({secs / len(cases):.2f} s per case), GE {ge(many):.4f}"
         if single is not None:
-            texts = [(a, b) for x, y in zip(many, single, strict=True) for a, b in zip(x.texts, y.texts, strict=True)]
+            texts = [
+                (a, b)
+                for x, y in zip(many, single, strict=True)
+                for a, b in zip(x.texts, y.texts, strict=True)
+            ]
             same = sum(a == b for a, b in texts)
             line += f", texts the same as one case per call: {same} of {len(texts)}"
         print(line)

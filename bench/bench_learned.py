@@ -58,12 +58,16 @@ def bench_train(args: argparse.Namespace, model, tok) -> None:
     print("step  train_loss  edit_acc  rephrase_acc  locality")
     for c in h["curve"]:
         tl = "-" if c["train_loss"] is None else f"{c['train_loss']:.3f}"
-        print(f"{c['step']:>5}  {tl:>10}  {c['edit_acc']:8.3f}  {c['rephrase_acc']:12.3f}  {c['locality']:8.3f}")
+        print(
+            f"{c['step']:>5}  {tl:>10}  {c['edit_acc']:8.3f}  {c['rephrase_acc']:12.3f}  {c['locality']:8.3f}"
+        )
     print(f"editor: {res.path}")
 
 
 def bench_edit(args: argparse.Namespace, model, tok) -> None:
-    records = json.loads((data_dir() / "counterfact" / "counterfact_dev.json").read_text())[: args.n + 1]
+    records = json.loads((data_dir() / "counterfact" / "counterfact_dev.json").read_text())[
+        : args.n + 1
+    ]
     # One context for all edits, as the evaluation runner and an EditSession hold one: the
     # editor file is read once (the first edit, a warm-up outside the timed ones).
     ctx = EditContext(progress=False)
@@ -75,21 +79,35 @@ def bench_edit(args: argparse.Namespace, model, tok) -> None:
         times.append(r.timings["total"])
         for k, v in r.timings.items():
             phases.setdefault(k, []).append(v)
-        probs.append((r.diagnostics[0]["target_prob_before"], r.diagnostics[0]["target_prob_after"]))
+        probs.append(
+            (r.diagnostics[0]["target_prob_before"], r.diagnostics[0]["target_prob_after"])
+        )
         r.restore()
     print(f"{args.method}: median {statistics.median(times):.3f} s per edit over {len(times)} edits "
           f"(mean {statistics.mean(times):.3f}); phases (median): "
           + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in phases.items() if k != "total"))  # fmt: skip
-    print(f"median P(new) before {statistics.median(p for p, _ in probs):.4f}, after {statistics.median(q for _, q in probs):.4f}")
+    print(
+        f"median P(new) before {statistics.median(p for p, _ in probs):.4f}, after {statistics.median(q for _, q in probs):.4f}"
+    )
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--train", action="store_true", help="measure training instead of editing")
-    p.add_argument("--method", default="mend-cf", help="edit: mend-cf, ke-cf, ...; train: mend or ke")
-    p.add_argument("--variant", default="cf", choices=["cf", "zsre", "gen"], help="training variant")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: shipped config)")
-    p.add_argument("--cache", default=None, help="cache folder for --train (default: a fresh temporary one)")
+    p.add_argument(
+        "--method", default="mend-cf", help="edit: mend-cf, ke-cf, ...; train: mend or ke"
+    )
+    p.add_argument(
+        "--variant", default="cf", choices=["cf", "zsre", "gen"], help="training variant"
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: shipped config)"
+    )
+    p.add_argument(
+        "--cache", default=None, help="cache folder for --train (default: a fresh temporary one)"
+    )
     p.add_argument("--n", type=int, default=10, help="edits to time")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true")

@@ -52,29 +52,55 @@ def batches_list(text: str) -> tuple[int, ...]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", default="memit",
-                    help="a method, or several separated by commas: evaluated one after another in this "
-                         "process on the same records (the pre-edit half measured once), then a table side by side")
+    ap.add_argument(
+        "--method",
+        default="memit",
+        help="a method, or several separated by commas: evaluated one after another in this "
+        "process on the same records (the pre-edit half measured once), then a table side by side",
+    )
     ap.add_argument("--n", type=int, default=100, help="records edited")
     ap.add_argument("--offset", type=int, default=0, help="skip this many records first")
     ap.add_argument("--batch-size", type=int, default=None, help="default: all N in one batch")
     ap.add_argument("--sequential", action="store_true")
-    ap.add_argument("--checkpoint-every", type=int, default=50, help="ROME sequential: re-measure every K edits")
-    ap.add_argument("--gen-sample", type=int, default=100, help="cases with generations (GE); 0: none")
-    ap.add_argument("--checkpoint-gen", type=int, default=20,
-                    help="ROME sequential: GE of the first N cases' generation prompts at every checkpoint")
-    ap.add_argument("--gen-checkpoints", type=batches_list, default=(), metavar="K,K,...",
-                    help="sequential batches: GE of the sample also after these batches (1-based), "
-                         "on the cases edited so far and on those not edited yet")
+    ap.add_argument(
+        "--checkpoint-every", type=int, default=50, help="ROME sequential: re-measure every K edits"
+    )
+    ap.add_argument(
+        "--gen-sample", type=int, default=100, help="cases with generations (GE); 0: none"
+    )
+    ap.add_argument(
+        "--checkpoint-gen",
+        type=int,
+        default=20,
+        help="ROME sequential: GE of the first N cases' generation prompts at every checkpoint",
+    )
+    ap.add_argument(
+        "--gen-checkpoints",
+        type=batches_list,
+        default=(),
+        metavar="K,K,...",
+        help="sequential batches: GE of the sample also after these batches (1-based), "
+        "on the cases edited so far and on those not edited yet",
+    )
     ap.add_argument("--hparams", default=None, help="inline JSON overrides")
-    ap.add_argument("--data", default="counterfact_dev.json", help="file name under shared/data/counterfact or a path")
+    ap.add_argument(
+        "--data",
+        default="counterfact_dev.json",
+        help="file name under shared/data/counterfact or a path",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="results JSONL (default: a temporary file)")
     ap.add_argument("--json", default=None, help="write the summary here")
-    ap.add_argument("--no-pre-cache", action="store_true",
-                    help="measure before the edits again instead of reading factedit's pre-edit cache")
-    ap.add_argument("--edit-only", action="store_true",
-                    help="time the edit of all N in one call (no measuring): seconds per phase, per fact, peak RSS")
+    ap.add_argument(
+        "--no-pre-cache",
+        action="store_true",
+        help="measure before the edits again instead of reading factedit's pre-edit cache",
+    )
+    ap.add_argument(
+        "--edit-only",
+        action="store_true",
+        help="time the edit of all N in one call (no measuring): seconds per phase, per fact, peak RSS",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.edit_only:
@@ -93,8 +119,14 @@ def main() -> None:
     summaries = {}
     for i, method in enumerate(methods):
         hp = (hparams or {}).get(method) if per_method else hparams
-        out = Path(args.out).with_suffix(f".{method}.jsonl") if args.out and len(methods) > 1 else args.out
-        summaries[method] = evaluate(args, model, tok, cases, path, method, hp, out, t_all if i == 0 else None)
+        out = (
+            Path(args.out).with_suffix(f".{method}.jsonl")
+            if args.out and len(methods) > 1
+            else args.out
+        )
+        summaries[method] = evaluate(
+            args, model, tok, cases, path, method, hp, out, t_all if i == 0 else None
+        )
     if len(summaries) > 1:
         print(side_by_side(summaries))
         print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
@@ -122,7 +154,9 @@ def evaluate(args: argparse.Namespace, model, tok, cases, path: Path, method: st
     pre_cache = not args.no_pre_cache
     t0 = time.perf_counter()
     if method.lower() == "rome" or batch == 1:
-        summary = run_evaluation(model, tok, cases, cfg, out, hparams=hparams, overwrite=True, pre_cache=pre_cache)
+        summary = run_evaluation(
+            model, tok, cases, cfg, out, hparams=hparams, overwrite=True, pre_cache=pre_cache
+        )
     else:
         summary = run_batch_evaluation(model, tok, cases, cfg, out, batch_size=batch, hparams=hparams,
                                        gen_sample=args.gen_sample, overwrite=True, pre_cache=pre_cache,
@@ -157,7 +191,11 @@ def per_batch(out: Path, cases: list, batch: int) -> str:
              "| batch | " + " | ".join(metrics) + " |", "| ---: | " + " | ".join("---:" for _ in metrics) + " |"]  # fmt: skip
     for b, s in enumerate(range(0, len(cases), batch)):
         post = summarize(results, [c.case_id for c in cases[s : s + batch]]).post
-        lines.append(f"| {b + 1} | " + " | ".join(post[m].format(100.0, 1) if m in post else "-" for m in metrics) + " |")
+        lines.append(
+            f"| {b + 1} | "
+            + " | ".join(post[m].format(100.0, 1) if m in post else "-" for m in metrics)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -182,7 +220,9 @@ def side_by_side(summaries: dict) -> str:
     return "\n".join(lines)
 
 
-def report(args: argparse.Namespace, what: str, figures: str, record: dict, suffix: str | None = None) -> None:
+def report(
+    args: argparse.Namespace, what: str, figures: str, record: dict, suffix: str | None = None
+) -> None:
     """Print what ran (with the thread count), its figures and the command; write ``record``
     (plus the command) to ``--json`` (``FILE.<suffix>.json`` when given, one per method)."""
     print(f"{what}; torch threads {torch.get_num_threads()}")
@@ -206,7 +246,14 @@ def time_edit(args: argparse.Namespace) -> None:
     requests = [c.request for c in load_dataset(path, limit=args.offset + args.n)[args.offset :]]
     hparams = json.loads(args.hparams) if args.hparams else None
     t0 = time.perf_counter()
-    result = edit(model, tok, requests, method=args.method, hparams=hparams, context=EditContext(progress=True))
+    result = edit(
+        model,
+        tok,
+        requests,
+        method=args.method,
+        hparams=hparams,
+        context=EditContext(progress=True),
+    )
     seconds = time.perf_counter() - t0
     total = time.perf_counter() - t_all
     result.restore()

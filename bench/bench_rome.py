@@ -25,10 +25,18 @@ from factedit.methods import EditContext
 from factedit.methods.rome import ROMEHParams, context_templates
 from factedit.tokens import prompt_target_batch
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact_dev.json"
+DATA = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "counterfact"
+    / "counterfact_dev.json"
+)
 
 
-def fwd_bwd_seconds(model, tok, request, hp: ROMEHParams, templates: list[str], repeats: int = 3) -> float:
+def fwd_bwd_seconds(
+    model, tok, request, hp: ROMEHParams, templates: list[str], repeats: int = 3
+) -> float:
     texts = [t.replace("{}", request.text) for t in templates]
     prompts = texts + [p.replace("{}", request.subject) for p in hp.kl_prompts]
     targets = [request.target_text] * len(texts) + [" a"] * len(hp.kl_prompts)
@@ -68,16 +76,24 @@ def main(argv: list[str] | None = None) -> int:
                      "retries": res.diagnostics[0].get("efficacy_retries", 0)})  # fmt: skip
     phases = ["key", "value", "update", "probe", "stats", "templates", "total"]
     med = {p: statistics.median(r.get(p, 0.0) for r in rows) for p in phases}
-    print(f"ROME on the default model, {len(rows)} CounterFact edits, threads={torch.get_num_threads()}")
-    print(f"hparams: layer {hp.layer}, {len(templates)} prompts, value_dtype {hp.value_dtype}, "
-          f"max steps {hp.v_num_grad_steps}; mean steps taken {statistics.mean(r['steps'] for r in rows):.1f}")
+    print(
+        f"ROME on the default model, {len(rows)} CounterFact edits, threads={torch.get_num_threads()}"
+    )
+    print(
+        f"hparams: layer {hp.layer}, {len(templates)} prompts, value_dtype {hp.value_dtype}, "
+        f"max steps {hp.v_num_grad_steps}; mean steps taken {statistics.mean(r['steps'] for r in rows):.1f}"
+    )
     print("median seconds per edit: " + ", ".join(f"{p} {med[p]:.2f}" for p in phases))
-    print(f"one forward+backward of the full model over the same {len(templates) + len(hp.kl_prompts)} prompts: {unit:.3f} s")
+    print(
+        f"one forward+backward of the full model over the same {len(templates) + len(hp.kl_prompts)} prompts: {unit:.3f} s"
+    )
     mean_total = statistics.mean(r["total"] for r in rows)
     retried = sum(r["retries"] > 0 for r in rows)
-    print(f"time per edit = {med['total'] / unit:.1f} forward+backward passes "
-          f"(value optimisation {med['value'] / unit:.1f}); mean {mean_total:.2f} s = "
-          f"{mean_total / unit:.2f} passes, {retried} of {len(rows)} edits retried by the efficacy check")
+    print(
+        f"time per edit = {med['total'] / unit:.1f} forward+backward passes "
+        f"(value optimisation {med['value'] / unit:.1f}); mean {mean_total:.2f} s = "
+        f"{mean_total / unit:.2f} passes, {retried} of {len(rows)} edits retried by the efficacy check"
+    )
     print("command: python " + " ".join(["bench/bench_rome.py", *sys.argv[1:]]))
     return 0
 

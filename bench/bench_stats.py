@@ -42,15 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     stats_t, plain_t = [], []
     for _ in range(args.repeats):  # alternate, so both see the same machine conditions
         t0 = time.perf_counter()
-        compute_second_moment(model, tok, args.layer, arch=arch, corpus=corpus, tokens=args.tokens, progress=False)
+        compute_second_moment(
+            model, tok, args.layer, arch=arch, corpus=corpus, tokens=args.tokens, progress=False
+        )
         stats_t.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         truncated_forward(model, rows, arch.mlp_out_name(args.layer))
         plain_t.append(time.perf_counter() - t0)
     s, p = min(stats_t), min(plain_t)
     print(f"layer {args.layer}, {n} tokens, threads={torch.get_num_threads()}")
-    print(f"statistics (tokenise + forward to the layer + k kᵀ accumulation): {n / s:,.0f} tokens/s")
-    print(f"plain forward truncated at the same layer:                        {n / p:,.0f} tokens/s")
+    print(
+        f"statistics (tokenise + forward to the layer + k kᵀ accumulation): {n / s:,.0f} tokens/s"
+    )
+    print(
+        f"plain forward truncated at the same layer:                        {n / p:,.0f} tokens/s"
+    )
     print(f"ratio: {p / s:.2f}x of the truncated forward")
     print("command: python " + " ".join(["bench/bench_stats.py", *sys.argv[1:]]))
     return 0

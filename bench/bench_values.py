@@ -27,7 +27,13 @@ from factedit.methods import EditContext
 from factedit.methods.rome import ROMEHParams, context_templates
 from factedit.values import ValueConfig, optimize_values
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact_dev.json"
+DATA = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "counterfact"
+    / "counterfact_dev.json"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--batch-sizes", default=None, help="comma-separated MEMIT value_batch_size values to time")
+    ap.add_argument(
+        "--batch-sizes", default=None, help="comma-separated MEMIT value_batch_size values to time"
+    )
     ap.add_argument("--n", type=int, default=64, help="with --batch-sizes: requests")
     ap.add_argument("--offset", type=int, default=3000, help="with --batch-sizes: first record")
     args = ap.parse_args(argv)
@@ -54,18 +62,27 @@ def main(argv: list[str] | None = None) -> int:
             for prefix in (True, False):
                 # No early stop, no margin: every setting runs exactly --steps steps.
                 cfg = ValueConfig.from_hparams(
-                    hp, steps=args.steps, early_stop_loss=0.0, margin=None, dtype=dtype, prefix_cache=prefix
+                    hp,
+                    steps=args.steps,
+                    early_stop_loss=0.0,
+                    margin=None,
+                    dtype=dtype,
+                    prefix_cache=prefix,
                 )
                 t0 = time.perf_counter()
                 optimize_values(model, tok, [request], arch, hp.layer, templates, cfg)
                 rows.append((dtype or "float32", prefix, time.perf_counter() - t0))
-    print(f"value optimisation, {args.steps} steps of one request, {len(templates)} prompts + KL, "
-          f"threads={args.threads}")
+    print(
+        f"value optimisation, {args.steps} steps of one request, {len(templates)} prompts + KL, "
+        f"threads={args.threads}"
+    )
     for dtype in ("bfloat16", "float32"):
         for prefix in (True, False):
             secs = [s for d, p, s in rows if d == dtype and p == prefix]
-            print(f"  {dtype:<9} prefix cache {'on ' if prefix else 'off'}: "
-                  + ", ".join(f"{s:.2f} s" for s in secs))
+            print(
+                f"  {dtype:<9} prefix cache {'on ' if prefix else 'off'}: "
+                + ", ".join(f"{s:.2f} s" for s in secs)
+            )
     print("command: python " + " ".join(["bench/bench_values.py", *sys.argv[1:]]))
     return 0
 
@@ -91,19 +108,31 @@ def value_batches(args: argparse.Namespace) -> int:
         for b in sizes:
             t0 = time.perf_counter()
             values, _ = compute_targets(
-                model, tok, requests, replace(hp, value_batch_size=b), arch, templates, old_first, progress=False
+                model,
+                tok,
+                requests,
+                replace(hp, value_batch_size=b),
+                arch,
+                templates,
+                old_first,
+                progress=False,
             )
             times[b].append(time.perf_counter() - t0)
             deltas[b] = torch.stack([v.delta for v in values])
             steps = sum(v.steps for v in values) / len(values)
     ref = deltas[sizes[0]]
-    print(f"MEMIT value stage, {len(requests)} requests (records {args.offset}-{args.offset + len(requests) - 1} "
-          f"of {data.name}), {len(templates)} prompts + KL, threads={args.threads}, mean steps {steps:.1f}")
+    print(
+        f"MEMIT value stage, {len(requests)} requests (records {args.offset}-{args.offset + len(requests) - 1} "
+        f"of {data.name}), {len(templates)} prompts + KL, threads={args.threads}, mean steps {steps:.1f}"
+    )
     for b in sizes:
         rel = (deltas[b] - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)
         diff = f"median {float(rel.median()):.1e}, max {float(rel.max()):.1e}"
-        print(f"  value_batch_size {b:>4}: " + ", ".join(f"{t:.1f} s" for t in times[b])
-              + f"  ({min(times[b]) / len(requests):.3f} s/request; relative δ difference vs {sizes[0]}: {diff})")
+        print(
+            f"  value_batch_size {b:>4}: "
+            + ", ".join(f"{t:.1f} s" for t in times[b])
+            + f"  ({min(times[b]) / len(requests):.3f} s/request; relative δ difference vs {sizes[0]}: {diff})"
+        )
     print("command: python " + " ".join(["bench/bench_values.py", *sys.argv[1:]]))
     return 0
 

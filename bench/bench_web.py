@@ -83,7 +83,12 @@ def first_paint(driver, url: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3, help="seed edits to time (default 3; the first on a fresh server)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="seed edits to time (default 3; the first on a fresh server)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -145,20 +150,32 @@ def main(argv: list[str] | None = None) -> int:
             d.quit()
 
     cmd = "python bench/bench_web.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    print(f"factedit serve, SmolLM2-135M-Instruct float32, {torch.get_num_threads()} torch thread(s), headless Chromium")
-    print(f"  first paint after the server is up: {', '.join(f'{p:.2f}' for p in paints)} s "
-          f"(median {statistics.median(paints):.2f} s; target <= 2 s)")
+    print(
+        f"factedit serve, SmolLM2-135M-Instruct float32, {torch.get_num_threads()} torch thread(s), headless Chromium"
+    )
+    print(
+        f"  first paint after the server is up: {', '.join(f'{p:.2f}' for p in paints)} s "
+        f"(median {statistics.median(paints):.2f} s; target <= 2 s)"
+    )
     warm = edits[1:] or edits
-    print(f"  seed's edit shown (click -> before/after table, 5 prompts x 30 tokens): first on a "
-          f"fresh server {edits[0]:.1f} s; with the unedited generations cached (as after "
-          f"'factedit serve' warms up) {', '.join(f'{e:.1f}' for e in warm)} s "
-          f"(median {statistics.median(warm):.1f} s; target <= 15 s)")
-    print(f"  of which the edit itself (ROME): {', '.join(f'{e:.1f}' for e in edit_only)} s; the rest is "
-          f"generating {'before and ' if len(edits) == 1 else ''}after, the probabilities and the page")
-    print(f"  two sessions at once: results shown after {done_at[0]:.1f} s and {done_at[1]:.1f} s "
-          f"({states}); each edit applied exactly once: {once}; revert all bit-exact: {exact}")
-    print(f"  1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
-          f"({len(os.sched_getaffinity(0))} cores); other jobs on the machine slow every figure")
+    print(
+        f"  seed's edit shown (click -> before/after table, 5 prompts x 30 tokens): first on a "
+        f"fresh server {edits[0]:.1f} s; with the unedited generations cached (as after "
+        f"'factedit serve' warms up) {', '.join(f'{e:.1f}' for e in warm)} s "
+        f"(median {statistics.median(warm):.1f} s; target <= 15 s)"
+    )
+    print(
+        f"  of which the edit itself (ROME): {', '.join(f'{e:.1f}' for e in edit_only)} s; the rest is "
+        f"generating {'before and ' if len(edits) == 1 else ''}after, the probabilities and the page"
+    )
+    print(
+        f"  two sessions at once: results shown after {done_at[0]:.1f} s and {done_at[1]:.1f} s "
+        f"({states}); each edit applied exactly once: {once}; revert all bit-exact: {exact}"
+    )
+    print(
+        f"  1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+        f"({len(os.sched_getaffinity(0))} cores); other jobs on the machine slow every figure"
+    )
     print(f"  command: {cmd}")
     return 0 if once and exact and states == ["done", "done"] else 1
 

@@ -31,9 +31,14 @@ def mentions(texts: list[str], pattern: re.Pattern[str], besides: tuple[str, ...
 def print_split(rows: list[dict], key: str, at: float, names: tuple[str, str]) -> None:
     """Mean GE change of the rows whose ``key`` after the edit is at least ``at`` and of the
     others."""
-    for name, group in ((names[0], [x for x in rows if x[key][1] >= at]), (names[1], [x for x in rows if x[key][1] < at])):
+    for name, group in (
+        (names[0], [x for x in rows if x[key][1] >= at]),
+        (names[1], [x for x in rows if x[key][1] < at]),
+    ):
         if group:
-            print(f"{name}: {len(group)} cases, mean GE change {st.mean(x['GE'][1] - x['GE'][0] for x in group):+.3f}")
+            print(
+                f"{name}: {len(group)} cases, mean GE change {st.mean(x['GE'][1] - x['GE'][0] for x in group):+.3f}"
+            )
 
 
 def main() -> None:
@@ -53,7 +58,9 @@ def main() -> None:
     cases = {c.case_id: c for c in load_dataset(args.data)}
     edited = {cases[r["case_id"]].request.target_text.strip() for r in every}
     # Longest first, so that a target inside a longer one is not matched in its place.
-    targets_re = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(edited, key=len, reverse=True))) + r")\b")
+    targets_re = re.compile(
+        r"\b(?:" + "|".join(map(re.escape, sorted(edited, key=len, reverse=True))) + r")\b"
+    )
     rows = []
     for r in recs:
         req = cases[r["case_id"]].request
@@ -79,21 +86,37 @@ def main() -> None:
             "other edits' targets named per text": (mentions(pre, targets_re, own), mentions(post, targets_re, own)),
             "texts under 50 words": (st.mean(len(words(t)) < 50 for t in pre), st.mean(len(words(t)) < 50 for t in post)),
         })  # fmt: skip
-        if "GE-eos" in r["pre"] and "GE-eos" in r["post"]:  # results format 2: texts cut at end of sequence
+        if (
+            "GE-eos" in r["pre"] and "GE-eos" in r["post"]
+        ):  # results format 2: texts cut at end of sequence
             rows[-1]["GE-eos"] = (r["pre"]["GE-eos"], r["post"]["GE-eos"])
     print(f"{args.results.name}: {len(rows)} cases with generations")
     print("| per case (mean) | before | after |\n| --- | ---: | ---: |")
     for k in rows[0]:
-        print(f"| {k} | {st.mean(x[k][0] for x in rows):.3f} | {st.mean(x[k][1] for x in rows):.3f} |")
+        print(
+            f"| {k} | {st.mean(x[k][0] for x in rows):.3f} | {st.mean(x[k][1] for x in rows):.3f} |"
+        )
     d = [x["GE"][1] - x["GE"][0] for x in rows]
-    print(f"\nGE change per case: median {st.median(d):+.3f}; fell in {sum(v < 0 for v in d)} of {len(d)} cases")
+    print(
+        f"\nGE change per case: median {st.median(d):+.3f}; fell in {sum(v < 0 for v in d)} of {len(d)} cases"
+    )
     # A few texts falling into a loop (a sentence or a name repeated to the end) lose most of a
     # case's GE at once; this says how much of the mean change such cases carry.
     big = [v for v in d if v < -0.5]
     print(f"cases losing more than 0.5: {len(big)}, carrying {sum(big) / len(d):+.3f} of the mean change "
           f"{sum(d) / len(d):+.3f}")  # fmt: skip
-    print_split(rows, "texts naming the new target", 0.5, ("naming the new target in at least half the texts", "the others"))
-    print_split(rows, "other edits' targets named per text", 1, ("naming other edits' targets at least once per text", "the others"))
+    print_split(
+        rows,
+        "texts naming the new target",
+        0.5,
+        ("naming the new target in at least half the texts", "the others"),
+    )
+    print_split(
+        rows,
+        "other edits' targets named per text",
+        1,
+        ("naming other edits' targets at least once per text", "the others"),
+    )
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
 
 

@@ -40,10 +40,26 @@ SMOKE = {
                                      max_position_embeddings=128), 1),
 }  # fmt: skip
 REQUESTS = [
-    {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": {"str": "Rome"}},
-    {"prompt": "{} was the founder of", "subject": "Steve Jobs", "target_new": {"str": "Microsoft"}},
-    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": {"str": "English"}},
-    {"prompt": "{} plays the position of", "subject": "Lionel Messi", "target_new": {"str": "goalkeeper"}},
+    {
+        "prompt": "{} is located in the city of",
+        "subject": "The Eiffel Tower",
+        "target_new": {"str": "Rome"},
+    },
+    {
+        "prompt": "{} was the founder of",
+        "subject": "Steve Jobs",
+        "target_new": {"str": "Microsoft"},
+    },
+    {
+        "prompt": "The mother tongue of {} is",
+        "subject": "Danielle Darrieux",
+        "target_new": {"str": "English"},
+    },
+    {
+        "prompt": "{} plays the position of",
+        "subject": "Lionel Messi",
+        "target_new": {"str": "goalkeeper"},
+    },
 ]
 
 
@@ -84,18 +100,27 @@ def random_corpus(tok, n_docs: int, words: int, seed: int = 0):
     from factedit.corpus import Corpus
 
     g = torch.Generator().manual_seed(seed)
-    docs = [tok.decode(torch.randint(100, len(tok), (words,), generator=g).tolist()) for _ in range(n_docs)]
+    docs = [
+        tok.decode(torch.randint(100, len(tok), (words,), generator=g).tolist())
+        for _ in range(n_docs)
+    ]
     return Corpus.from_texts(docs, name=f"random-{seed}")
 
 
 @torch.no_grad()
-def plain_truncated_forward(model, rows: torch.Tensor, name: str, device: torch.device, batch_rows: int) -> None:
+def plain_truncated_forward(
+    model, rows: torch.Tensor, name: str, device: torch.device, batch_rows: int
+) -> None:
     from factedit.hooks import Trace
 
     for s in range(0, rows.shape[0], batch_rows):
         b = rows[s : s + batch_rows]
         with Trace(model, name, retain_output=False, stop=True):
-            model(input_ids=b.clamp(min=0).to(device), attention_mask=(b >= 0).long().to(device), use_cache=False)
+            model(
+                input_ids=b.clamp(min=0).to(device),
+                attention_mask=(b >= 0).long().to(device),
+                use_cache=False,
+            )
 
 
 def timed(fn, device: torch.device) -> float:
@@ -122,9 +147,17 @@ def check_stats(model, tok, arch, layer: int, device, tokens: int, batch_rows: i
     s_t, p_t = [], []
     for _ in range(2):  # alternate, so both see the same conditions
         s_t.append(timed(lambda: compute_second_moment(model, tok, layer, **kw), device))
-        p_t.append(timed(lambda: plain_truncated_forward(model, rows, name, device, batch_rows), device))
+        p_t.append(
+            timed(lambda: plain_truncated_forward(model, rows, name, device, batch_rows), device)
+        )
     s, p = min(s_t), min(p_t)
-    return {"tokens": n, "stats_tok_s": n / s, "plain_tok_s": n / p, "ratio": p / s, "tokenise_s": tokenise}
+    return {
+        "tokens": n,
+        "stats_tok_s": n / s,
+        "plain_tok_s": n / p,
+        "ratio": p / s,
+        "tokenise_s": tokenise,
+    }
 
 
 def fwd_bwd_unit(model, tok, request, templates, device) -> float:
@@ -134,7 +167,9 @@ def fwd_bwd_unit(model, tok, request, templates, device) -> float:
 
     req = as_requests(request)[0]
     texts = [t.replace("{}", req.text) for t in templates]
-    b = prompt_target_batch(tok, [*texts, f"{req.subject} is a"], [req.target_text] * len(texts) + [" a"])
+    b = prompt_target_batch(
+        tok, [*texts, f"{req.subject} is a"], [req.target_text] * len(texts) + [" a"]
+    )
     ids, mask = b.input_ids.to(device), b.attention_mask.to(device)
 
     def once():
@@ -147,11 +182,15 @@ def fwd_bwd_unit(model, tok, request, templates, device) -> float:
     return t
 
 
-def check_edits(model, tok, method: str, layer: int, device, n_edits: int, hp: dict, cache: Path) -> dict:
+def check_edits(
+    model, tok, method: str, layer: int, device, n_edits: int, hp: dict, cache: Path
+) -> dict:
     from factedit.methods import EditContext, edit
     from factedit.methods.rome import context_templates
 
-    ctx = EditContext(cache_dir=cache, progress=False, stats_corpus=random_corpus(tok, 64, 256, seed=1))
+    ctx = EditContext(
+        cache_dir=cache, progress=False, stats_corpus=random_corpus(tok, 64, 256, seed=1)
+    )
     warm = edit(model, tok, REQUESTS[0], method=method, hparams=hp, context=ctx)  # fills the caches
     warm.restore()
     times, phases = [], []
@@ -163,13 +202,18 @@ def check_edits(model, tok, method: str, layer: int, device, n_edits: int, hp: d
         times.append(time.perf_counter() - t0)
         phases.append(r.timings)
         r.restore()
-    out = {"s_per_edit": statistics.median(times), "phases": {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}}
+    out = {
+        "s_per_edit": statistics.median(times),
+        "phases": {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]},
+    }
     if method == "rome":
         from factedit.methods import resolve_hparams
         from factedit.methods.rome import ROME
 
         rhp = resolve_hparams(ROME(), model, hp, None)
-        out["fwd_bwd_s"] = fwd_bwd_unit(model, tok, REQUESTS[1], context_templates(model, tok, rhp, ctx), device)
+        out["fwd_bwd_s"] = fwd_bwd_unit(
+            model, tok, REQUESTS[1], context_templates(model, tok, rhp, ctx), device
+        )
     return out
 
 
@@ -191,7 +235,9 @@ def cli_checks(device: str, dtype: str, tok, smoke: bool, work: Path) -> list[st
          "paraphrase_prompts": [r["prompt"].format(r["subject"])], "neighborhood_prompts": ["The Louvre is located in the city of"],
          "attribute_prompts": [], "generation_prompts": [r["prompt"].format(r["subject"])]} for i, r in enumerate(REQUESTS[:2])
     ]))  # fmt: skip
-    hp = json.dumps({"layer": 1, "v_num_grad_steps": 3, "context_templates": [[3, 2]], "mom2_tokens": 2000})
+    hp = json.dumps(
+        {"layer": 1, "v_num_grad_steps": 3, "context_templates": [[3, 2]], "mom2_tokens": 2000}
+    )
     corpus = work / "corpus.json"
     corpus.write_text(json.dumps([d for d in random_corpus(tok, 16, 200, seed=2)]))
     dev = ["--model", str(folder), "--device", device, "--dtype", dtype]
@@ -215,24 +261,47 @@ def cli_checks(device: str, dtype: str, tok, smoke: bool, work: Path) -> list[st
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     for cmd in commands:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "factedit", *cmd], capture_output=True, text=True, env=env, timeout=300)
-        ok = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode}): {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
-        lines.append(f"  factedit {cmd[0]:8s} {' '.join(a for a in cmd[1:] if a.startswith('--device') or a in ('auto', device))}: {ok} ({time.perf_counter() - t0:.1f} s)")
+        proc = subprocess.run(
+            [sys.executable, "-m", "factedit", *cmd],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        ok = (
+            "ok"
+            if proc.returncode == 0
+            else f"FAILED ({proc.returncode}): {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
+        )
+        lines.append(
+            f"  factedit {cmd[0]:8s} {' '.join(a for a in cmd[1:] if a.startswith('--device') or a in ('auto', device))}: {ok} ({time.perf_counter() - t0:.1f} s)"
+        )
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, a few tokens (for the test suite)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on CPU, a few tokens (for the test suite)"
+    )
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--shapes", default="gpt2-xl,llama-7b")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--methods", default="rome,memit")
-    ap.add_argument("--edits", type=int, default=3, help="timed edits per setting (after one warm-up)")
+    ap.add_argument(
+        "--edits", type=int, default=3, help="timed edits per setting (after one warm-up)"
+    )
     ap.add_argument("--stats-tokens", type=int, default=65536)
-    ap.add_argument("--batch-rows", type=int, default=32, help="rows of 256 tokens per statistics batch")
+    ap.add_argument(
+        "--batch-rows", type=int, default=32, help="rows of 256 tokens per statistics batch"
+    )
     ap.add_argument("--tokenizer", default=str(REPO / ".gpu_check" / "tokenizer"))
-    ap.add_argument("--save-tokenizer", default=None, metavar="DIR", help="save the tokenizer for the GPU machine and exit")
+    ap.add_argument(
+        "--save-tokenizer",
+        default=None,
+        metavar="DIR",
+        help="save the tokenizer for the GPU machine and exit",
+    )
     ap.add_argument("--no-cli", action="store_true", help="skip the command-line checks")
     ap.add_argument("--cli-dtypes", default="bfloat16", help="dtypes of the command-line checks")
     args = ap.parse_args(argv)
@@ -254,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     print("command: bench/gpu_check.sh " + " ".join(sys.argv[1:]))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in [m for m in methods if m not in available_methods()]:
-        print(f"note: method {m!r} is not available in this factedit ({available_methods()}); skipped")
+        print(
+            f"note: method {m!r} is not available in this factedit ({available_methods()}); skipped"
+        )
     methods = [m for m in methods if m in available_methods()]
     steps = 2 if args.smoke else 20
     templates = [[3, 2]] if args.smoke else [[5, 10], [10, 10]]
@@ -268,25 +339,44 @@ def main(argv: list[str] | None = None) -> int:
                 model, layer = build_model(shape, dtype, device, args.smoke, len(tok))
                 arch = describe(model)
                 n_params = sum(p.numel() for p in model.parameters())
-                print(f"\n{shape} ({n_params / 1e9:.2f}B parameters), {dtype_name}, layer {layer}; built in {time.perf_counter() - t0:.1f} s")
-                st = check_stats(model, tok, arch, layer, device, args.stats_tokens, args.batch_rows)
+                print(
+                    f"\n{shape} ({n_params / 1e9:.2f}B parameters), {dtype_name}, layer {layer}; built in {time.perf_counter() - t0:.1f} s"
+                )
+                st = check_stats(
+                    model, tok, arch, layer, device, args.stats_tokens, args.batch_rows
+                )
                 print(f"  statistics: {st['stats_tok_s']:,.0f} tokens/s vs plain truncated forward {st['plain_tok_s']:,.0f} tokens/s "
                       f"= {st['ratio']:.2f}x ({st['tokens']} tokens; tokenising them took {st['tokenise_s']:.2f} s more)")  # fmt: skip
                 row = {"shape": shape, "dtype": dtype_name, "params": n_params, "stats": st}
                 for method in methods:
                     hp = {"mom2_tokens": args.stats_tokens}
                     if method == "rome":
-                        hp.update(layer=layer, v_num_grad_steps=steps, early_stop_loss=0.0, context_templates=templates,
-                                  efficacy_retries=0)  # the research code retries nothing: equal settings
+                        hp.update(
+                            layer=layer,
+                            v_num_grad_steps=steps,
+                            early_stop_loss=0.0,
+                            context_templates=templates,
+                            efficacy_retries=0,
+                        )  # the research code retries nothing: equal settings
                     try:
-                        ed = check_edits(model, tok, method, layer, device, args.edits, hp, work / "cache")
+                        ed = check_edits(
+                            model, tok, method, layer, device, args.edits, hp, work / "cache"
+                        )
                     except Exception as exc:  # report and go on: one failure must not hide the rest
                         print(f"  {method}: FAILED {type(exc).__name__}: {exc}")
                         row[method] = {"error": str(exc)}
                         continue
-                    unit = f" = {ed['s_per_edit'] / ed['fwd_bwd_s']:.1f} forward+backward passes over its prompts ({ed['fwd_bwd_s']:.3f} s each)" if "fwd_bwd_s" in ed else ""
-                    phases = ", ".join(f"{k} {v:.2f}" for k, v in ed["phases"].items() if k != "total")
-                    print(f"  {method}: {ed['s_per_edit']:.2f} s per edit (median of {args.edits}){unit}; phases: {phases}")
+                    unit = (
+                        f" = {ed['s_per_edit'] / ed['fwd_bwd_s']:.1f} forward+backward passes over its prompts ({ed['fwd_bwd_s']:.3f} s each)"
+                        if "fwd_bwd_s" in ed
+                        else ""
+                    )
+                    phases = ", ".join(
+                        f"{k} {v:.2f}" for k, v in ed["phases"].items() if k != "total"
+                    )
+                    print(
+                        f"  {method}: {ed['s_per_edit']:.2f} s per edit (median of {args.edits}){unit}; phases: {phases}"
+                    )
                     row[method] = ed
                 results.append(row)
                 del model

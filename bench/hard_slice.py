@@ -26,14 +26,28 @@ import factedit
 from factedit.evaluate import load_dataset
 from factedit.scoring import target_token_scores
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact-val.json"
+DATA = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "counterfact"
+    / "counterfact-val.json"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, nargs="+", default=[DATA], help="CounterFact file(s), all in one layout")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        default=[DATA],
+        help="CounterFact file(s), all in one layout",
+    )
     ap.add_argument("--out", type=Path, required=True, help="where to write the slice (JSON list)")
-    ap.add_argument("--min-p", type=float, default=0.5, help="P(true target's first token) above this")
+    ap.add_argument(
+        "--min-p", type=float, default=0.5, help="P(true target's first token) above this"
+    )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -43,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         records = json.loads(path.read_text())
         loaded = load_dataset(path)
         if len(records) != len(loaded):
-            raise SystemExit(f"the loader skipped records of {path}; cannot map the slice back to the file")
+            raise SystemExit(
+                f"the loader skipped records of {path}; cannot map the slice back to the file"
+            )
         raw += records
         cases += loaded
     prompts = [c.request.text for c in cases]
@@ -55,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         if bool(s.correct[0]) and float(s.logprobs[0].exp()) > args.min_p
     ]
     args.out.write_text(json.dumps([raw[i] for i in keep], indent=1))
-    print(f"{len(keep)} of {len(cases)} records: the model's top-1 is the true target's first token "
-          f"with p > {args.min_p} (threads={args.threads})")
+    print(
+        f"{len(keep)} of {len(cases)} records: the model's top-1 is the true target's first token "
+        f"with p > {args.min_p} (threads={args.threads})"
+    )
     print(f"wrote {args.out}")
     print("command: python " + " ".join(["bench/hard_slice.py", *sys.argv[1:]]))
     return 0

@@ -201,7 +201,9 @@ def main() -> None:
     }
     # From all edited cases, not only the measured ones: --measure limits the ES/PS/NS cases.
     gen_cases = [c for c in cases if c.generation_prompts][: args.gen_sample]
-    no_edit_seconds = dict.fromkeys(pres, 0.0)  # the values and writes are timed per setting instead
+    no_edit_seconds = dict.fromkeys(
+        pres, 0.0
+    )  # the values and writes are timed per setting instead
 
     def fluency(sample: list = gen_cases) -> list[float]:
         """GE of each case of a generation sample (seeded per case, so settings differ only by
@@ -227,7 +229,9 @@ def main() -> None:
 
     def measure(setting: dict, tag: str) -> dict:
         out = Path(tmp.name) / f"{tag}.jsonl"
-        append_line(out, {"type": "header", "config": cfg.to_dict(), "notes": [json.dumps(setting)]})
+        append_line(
+            out, {"type": "header", "config": cfg.to_dict(), "notes": [json.dumps(setting)]}
+        )
         for c in measured:
             post = measure_case(model, tok, c, cfg, pre=pres[json_id(c.case_id)], generation=False)
             append_line(out, _record(c, pres, post, no_edit_seconds, {}))
@@ -298,8 +302,12 @@ def main() -> None:
                     continue
                 shown = {**setting, "spread_rounds": upto[-1], "retry_rounds": t}
                 rows.append(
-                    {"setting": shown, **measure(shown, f"s{k}t{t}"), "write_s": t_write,
-                     "retried": len(failed)}  # fmt: skip
+                    {
+                        "setting": shown,
+                        **measure(shown, f"s{k}t{t}"),
+                        "write_s": t_write,
+                        "retried": len(failed),
+                    }  # fmt: skip
                 )
                 print(json.dumps(brief(rows[-1])), flush=True)
                 if not failed:
@@ -317,7 +325,10 @@ def main() -> None:
     print(
         "| setting | ES | PS | NS (pre " + f"{100 * rows[0]['pre_NS']:.1f}) | EM | PM |" + ge_head
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * (bool(gen_cases) + bool(bystanders)))
+    print(
+        "| --- | ---: | ---: | ---: | ---: | ---: |"
+        + " ---: |" * (bool(gen_cases) + bool(bystanders))
+    )
     for r in rows:
         ge_cell = f" {r['GE']:.2f} |" if gen_cases else ""
         if bystanders:
@@ -333,7 +344,9 @@ def main() -> None:
         # standard error is what a difference between two rows must beat.
         print("GE change against the unedited model, paired over the same cases (mean ± SE):")
         for r in rows:
-            line = f"- `{json.dumps(r['setting'])}`: {paired_change(r['pre_GE_cases'], r['GE_cases'])}"
+            line = (
+                f"- `{json.dumps(r['setting'])}`: {paired_change(r['pre_GE_cases'], r['GE_cases'])}"
+            )
             if bystanders:
                 line += f"; unedited cases {paired_change(r['pre_GE_unedited_cases'], r['GE_unedited_cases'])}"
             print(line)

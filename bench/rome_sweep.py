@@ -23,12 +23,22 @@ from factedit.evaluate import load_dataset
 from factedit.methods import EditContext
 from factedit.scoring import mean_target_logprob
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact_dev.json"
+DATA = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "counterfact"
+    / "counterfact_dev.json"
+)
 
 
 def case_scores(model, tok, case) -> dict[str, float]:
     r = case.request
-    groups = {"ES": [r.text], "PS": list(case.paraphrase_prompts), "NS": list(case.neighborhood_prompts)}
+    groups = {
+        "ES": [r.text],
+        "PS": list(case.paraphrase_prompts),
+        "NS": list(case.neighborhood_prompts),
+    }
     prompts = [p for g in groups.values() for p in g]
     new = mean_target_logprob(model, tok, prompts, [r.target_text] * len(prompts))
     true = mean_target_logprob(model, tok, prompts, [r.true_text] * len(prompts))
@@ -55,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     fixed = json.loads(args.hparams)
     keys = sorted(grid)
     pre = [case_scores(model, tok, c) for c in cases]
-    print(f"pre  ES {statistics.mean(s['ES'] for s in pre):.3f} PS {statistics.mean(s['PS'] for s in pre):.3f} "
-          f"NS {statistics.mean(s['NS'] for s in pre):.3f}  (n={len(cases)})", flush=True)
+    print(
+        f"pre  ES {statistics.mean(s['ES'] for s in pre):.3f} PS {statistics.mean(s['PS'] for s in pre):.3f} "
+        f"NS {statistics.mean(s['NS'] for s in pre):.3f}  (n={len(cases)})",
+        flush=True,
+    )
     ctx = EditContext(progress=False)
     for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
         hp = {**fixed, **dict(zip(keys, values, strict=True))}
@@ -69,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             post.append(case_scores(model, tok, c))
             res.restore()
         m = {k: statistics.mean(s[k] for s in post) for k in ("ES", "PS", "NS")}
-        print(f"{json.dumps(hp)}: ES {m['ES']:.3f} PS {m['PS']:.3f} NS {m['NS']:.3f} "
-              f"s/edit {statistics.median(secs):.2f} (median) steps {statistics.mean(steps):.1f}", flush=True)
+        print(
+            f"{json.dumps(hp)}: ES {m['ES']:.3f} PS {m['PS']:.3f} NS {m['NS']:.3f} "
+            f"s/edit {statistics.median(secs):.2f} (median) steps {statistics.mean(steps):.1f}",
+            flush=True,
+        )
     print("command: python " + " ".join(sys.argv), flush=True)
     return 0
 

@@ -75,11 +75,18 @@ def test_tiny_roles_and_shapes(tiny_model):
     assert arch.mlp_size == expected_mlp_size(cfg)
     assert get_module(model, arch.embed) is model.get_input_embeddings()
     assert get_module(model, arch.unembed) is model.get_output_embeddings()
-    assert arch.tied == (model.get_input_embeddings().weight is model.get_output_embeddings().weight)
+    assert arch.tied == (
+        model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    )
     norm = get_module(model, arch.final_norm)
     assert tuple(norm.weight.shape) == (arch.hidden_size,)
     for i in (0, arch.n_layers - 1):
-        for name in (arch.layer_name(i), arch.mlp_name(i), arch.attn_name(i), arch.attn_out_name(i)):
+        for name in (
+            arch.layer_name(i),
+            arch.mlp_name(i),
+            arch.attn_name(i),
+            arch.attn_out_name(i),
+        ):
             get_module(model, name)  # every role resolves
         w = arch.mlp_out_weight_as_out_in(model, i)
         assert tuple(w.shape) == (arch.hidden_size, arch.mlp_size)
@@ -92,9 +99,12 @@ def test_tiny_activation_shapes(tiny_model, tok):
     model, arch = tiny_model, describe(tiny_model)
     enc = tok(["The Eiffel Tower is in"], return_tensors="pt")
     n = enc["input_ids"].shape[1]
-    with Trace(model, arch.mlp_out_name(1), retain_input=True) as proj, Trace(
-        model, arch.mlp_name(1)
-    ) as mlp, Trace(model, arch.attn_name(1)) as attn, Trace(model, arch.layer_name(-1)) as last:
+    with (
+        Trace(model, arch.mlp_out_name(1), retain_input=True) as proj,
+        Trace(model, arch.mlp_name(1)) as mlp,
+        Trace(model, arch.attn_name(1)) as attn,
+        Trace(model, arch.layer_name(-1)) as last,
+    ):
         logits = model(**enc).logits
     # OPT runs its MLP on flattened (tokens, width) activations, so compare sizes, not shapes.
     assert proj.input.shape[-1] == arch.mlp_size and proj.input.numel() == n * arch.mlp_size

@@ -14,7 +14,12 @@ from conftest import REPO
 
 def test_memit_sweep_smoke(tmp_path, data_dir):
     out = tmp_path / "sweep.json"
-    hp = {"layers": [4, 5], "context_templates": [[5, 2]], "v_num_grad_steps": 3, "mom2_tokens": 2000}
+    hp = {
+        "layers": [4, 5],
+        "context_templates": [[5, 2]],
+        "v_num_grad_steps": 3,
+        "mom2_tokens": 2000,
+    }
     env = dict(os.environ, FACTEDIT_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "memit_sweep.py"), "--n", "2", "--offset", "2000",
@@ -74,4 +79,6 @@ def test_value_fields_cover_what_the_value_stage_reads():
     # share values they should not.
     assert spy.read & fields <= VALUE_FIELDS, (spy.read & fields) - VALUE_FIELDS
     assert fields >= VALUE_FIELDS, VALUE_FIELDS - fields
-    assert value_fields({"mom2_update_weight": 1.0, "layers": [1], "kl_factor": 0.5}) == {"kl_factor": 0.5}
+    assert value_fields({"mom2_update_weight": 1.0, "layers": [1], "kl_factor": 0.5}) == {
+        "kl_factor": 0.5
+    }

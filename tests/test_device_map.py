@@ -28,7 +28,11 @@ TEXTS = [
     "The Beatles were an English rock band formed in Liverpool in 1960.",
     "Mount Everest is Earth's highest mountain above sea level, in the Himalayas.",
 ] * 5
-REQUEST = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": {"str": "Rome"}}
+REQUEST = {
+    "prompt": "{} is located in the city of",
+    "subject": "The Eiffel Tower",
+    "target_new": {"str": "Rome"},
+}
 LIGHT = {"layer": 1, "v_num_grad_steps": 3, "context_templates": [[3, 2]], "mom2_tokens": 300}
 DEVICE_MAP = {
     "model.embed_tokens": "cpu",
@@ -96,7 +100,9 @@ def test_rome_edit_restore_and_saved_edit_on_offloaded_layer(pair, tok, tmp_path
     arch = describe(mapped)
     name = arch.mlp_out_weight_name(1)
     before = parameter_value(mapped, name).clone()
-    ctx = EditContext(cache_dir=tmp_path, progress=False, stats_corpus=Corpus.from_texts(TEXTS, name="tiny"))
+    ctx = EditContext(
+        cache_dir=tmp_path, progress=False, stats_corpus=Corpus.from_texts(TEXTS, name="tiny")
+    )
     ref = edit(plain, tok, REQUEST, hparams=LIGHT, context=ctx)
     ref_logits = _logits(plain, tok)
     saved = ref.save(tmp_path / "edit.safetensors")
@@ -123,14 +129,23 @@ def test_memit_on_offloaded_layers_matches_the_plain_model(tok, tmp_path):
     make_tiny_model("llama", seed=3, num_hidden_layers=4).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     device_map = {**DEVICE_MAP, "model.layers.3": "cpu"}
-    mapped, _ = load_model(tmp_path / "m", device_map=device_map, offload_folder=tmp_path / "offload")
+    mapped, _ = load_model(
+        tmp_path / "m", device_map=device_map, offload_folder=tmp_path / "offload"
+    )
     plain, _ = load_model(tmp_path / "m")
     arch = describe(mapped)
     names = [arch.mlp_out_weight_name(i) for i in (1, 2)]
     assert all(get_parameter(mapped, n).device.type == "meta" for n in names)
     before = {n: parameter_value(mapped, n).clone() for n in names}
-    hp = {"layers": [1, 2], "context_templates": [[3, 1]], "v_num_grad_steps": 3, "mom2_tokens": 300}
-    ctx = EditContext(cache_dir=tmp_path, progress=False, stats_corpus=Corpus.from_texts(TEXTS, name="tiny"))
+    hp = {
+        "layers": [1, 2],
+        "context_templates": [[3, 1]],
+        "v_num_grad_steps": 3,
+        "mom2_tokens": 300,
+    }
+    ctx = EditContext(
+        cache_dir=tmp_path, progress=False, stats_corpus=Corpus.from_texts(TEXTS, name="tiny")
+    )
     ref = edit(plain, tok, REQUEST, method="memit", hparams=hp, context=ctx)
     ref_logits = _logits(plain, tok)
     ref.restore()

@@ -43,7 +43,9 @@ def _factedit(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
                     "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "factedit"]  # fmt: skip
     else:
         launcher = [sys.executable, "-m", "factedit"]
-    proc = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=REPO)
+    proc = subprocess.run(
+        [*launcher, *args], capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=REPO
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -58,11 +60,15 @@ def test_two_process_statistics_equal_one_process(model, tok):
     for p in (path, path.with_suffix(".json")):
         p.unlink(missing_ok=True)
     try:
-        proc = _factedit("stats", "--layer", str(layer), "--tokens", str(tokens), "--threads", "1", nproc=2)
+        proc = _factedit(
+            "stats", "--layer", str(layer), "--tokens", str(tokens), "--threads", "1", nproc=2
+        )
         assert "computed by 2 processes" in proc.stdout and key in proc.stdout
         assert proc.stdout.count("tokens,") == 1  # only rank 0 prints
         saved = load_file(path)
-        mom2, mean, count = compute_second_moment(model, tok, layer, corpus=corpus, tokens=tokens, progress=False)
+        mom2, mean, count = compute_second_moment(
+            model, tok, layer, corpus=corpus, tokens=tokens, progress=False
+        )
         assert int(saved["count"]) == count
         torch.testing.assert_close(saved["mom2"], mom2, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(saved["mean"], mean, rtol=1e-5, atol=1e-7)
@@ -75,7 +81,10 @@ def test_two_process_statistics_equal_one_process(model, tok):
 
 
 def _case_lines(path: Path) -> dict:
-    return {json.dumps(c["case_id"]): {k: v for k, v in c.items() if k != "seconds"} for c in read_results(path).cases}
+    return {
+        json.dumps(c["case_id"]): {k: v for k, v in c.items() if k != "seconds"}
+        for c in read_results(path).cases
+    }
 
 
 @pytest.mark.slow
@@ -105,8 +114,21 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
 
 
 def _fake_results(path: Path, ids: list, config: dict | None = None) -> None:
-    header = {"type": "header", "config": config or {"method": "rome", "kind": "counterfact"}, "notes": []}
-    lines = [header] + [{"type": "case", "case_id": i, "pre": {"ES": 0.0}, "post": {"ES": 1.0}, "seconds": {"case": 1.0}} for i in ids]
+    header = {
+        "type": "header",
+        "config": config or {"method": "rome", "kind": "counterfact"},
+        "notes": [],
+    }
+    lines = [header] + [
+        {
+            "type": "case",
+            "case_id": i,
+            "pre": {"ES": 0.0},
+            "post": {"ES": 1.0},
+            "seconds": {"case": 1.0},
+        }
+        for i in ids
+    ]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
 
 
@@ -139,7 +161,10 @@ def test_merge_command(tmp_path, capsys):
     _fake_results(tmp_path / "a.jsonl", [2, 0])
     _fake_results(tmp_path / "b.jsonl", [1])
     out = tmp_path / "m.jsonl"
-    assert main(["merge", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(out)]) == 0
+    assert (
+        main(["merge", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(out)])
+        == 0
+    )
     assert [c["case_id"] for c in read_results(out).cases] == [0, 1, 2]
     assert "| ES |" in capsys.readouterr().out
     # An existing output that is not an input is not silently replaced.

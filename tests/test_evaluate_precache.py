@@ -38,7 +38,9 @@ def _counting(monkeypatch):
     return calls
 
 
-def test_second_run_reads_pre_edit_measurements(model, tok, flat_path, tmp_path, monkeypatch, unchanged_after):
+def test_second_run_reads_pre_edit_measurements(
+    model, tok, flat_path, tmp_path, monkeypatch, unchanged_after
+):
     cases = load_dataset(flat_path, limit=2)
     cfg = _config(model, flat_path, generation=True, gen_length=24)
     root = tmp_path / "pre"
@@ -62,7 +64,9 @@ def test_second_run_reads_pre_edit_measurements(model, tok, flat_path, tmp_path,
     assert [r["generations"]["pre"] for r in a] == [r["generations"]["pre"] for r in b]
     assert [r["pre_neighborhood_argmax"] for r in a] == [r["pre_neighborhood_argmax"] for r in b]
     # This run spent no time on measurements it read.
-    assert all(r["seconds"]["pre_eval"] == 0 for r in b) and all(r["seconds"]["pre_eval"] > 0 for r in a)
+    assert all(r["seconds"]["pre_eval"] == 0 for r in b) and all(
+        r["seconds"]["pre_eval"] > 0 for r in a
+    )
 
     # Without the cache every case is measured again.
     calls.clear()

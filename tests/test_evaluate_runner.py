@@ -127,7 +127,9 @@ def test_summary_paired_change_and_relative_fluency(tmp_path):
     """GE's change is shown signed, paired and in percent of GE before (the bars' "GE drop")."""
     out = tmp_path / "hand.jsonl"
     rows = [{"type": "header", "config": {"method": "m", "model": "x", "dataset": "d.json"}}]
-    for i, (ge0, ge1, es0, es1) in enumerate([(6.0, 5.9, 0.0, 1.0), (6.0, 5.7, 0.0, 1.0), (5.0, 5.0, 1.0, 1.0)]):
+    for i, (ge0, ge1, es0, es1) in enumerate(
+        [(6.0, 5.9, 0.0, 1.0), (6.0, 5.7, 0.0, 1.0), (5.0, 5.0, 1.0, 1.0)]
+    ):
         pre, post = {"ES": es0}, {"ES": es1}
         if i < 2:  # GE on a sample of two cases
             pre["GE"], post["GE"] = ge0, ge1
@@ -154,7 +156,9 @@ def test_sequential_keeps_edits_until_the_end(model, tok, flat_path, tmp_path, u
         seen_changed.append(not torch.equal(dict(model.named_parameters())[NORM], pristine))
         return toy(model, tok, request, method, hparams)
 
-    cfg = _config(model, cf_path, sequential=True, checkpoint_every=2, checkpoint_gen=1, gen_length=24)
+    cfg = _config(
+        model, cf_path, sequential=True, checkpoint_every=2, checkpoint_gen=1, gen_length=24
+    )
     summary = run_evaluation(
         model, tok, cases, cfg, tmp_path / "s.jsonl", edit_fn=edit_fn, progress=False
     )

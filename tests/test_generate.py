@@ -98,17 +98,24 @@ def test_groups_batched_give_each_group_its_own_seeded_samples(model, tok):
     n = sum(len(g.prompts) for g in groups)
     for got in (together, packed):
         assert [len(g.texts) for g in got] == [len(g.prompts) for g in groups]
-        same = sum(a == b for x, y in zip(got, alone, strict=True) for a, b in zip(x.texts, y.texts, strict=True))
+        same = sum(
+            a == b
+            for x, y in zip(got, alone, strict=True)
+            for a, b in zip(x.texts, y.texts, strict=True)
+        )
         # A larger padded batch moves the logits by ~1e-6, which flips a draw only when it
         # falls at a probability boundary: nearly every text is the one its group gets alone.
         assert same >= n - 1, f"{n - same} of {n} texts differ from the group's own samples"
-        assert all(x.ended == y.ended or x.texts != y.texts for x, y in zip(got, alone, strict=True))
+        assert all(
+            x.ended == y.ended or x.texts != y.texts for x, y in zip(got, alone, strict=True)
+        )
     # It samples: the two rows of one group with the same prompt draw different texts.
     assert together[3].texts[0] != together[3].texts[1]
     # Greedy is the same in both, exactly.
     greedy = generate_full_length_groups(model, tok, groups[:2], top_k=None)
     assert [g.texts for g in greedy] == [
-        generate_full_length(model, tok, g.prompts, max_new_tokens=g.max_new_tokens).texts for g in groups[:2]
+        generate_full_length(model, tok, g.prompts, max_new_tokens=g.max_new_tokens).texts
+        for g in groups[:2]
     ]
 
 

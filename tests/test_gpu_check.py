@@ -25,5 +25,9 @@ def test_gpu_check_smoke_mode(tmp_path):
     # MEMIT is timed when this factedit has it, and skipped with a note otherwise.
     from factedit.methods import available_methods
 
-    assert ("memit: " in out) if "memit" in available_methods() else ("'memit' is not available" in out)
+    assert (
+        ("memit: " in out)
+        if "memit" in available_methods()
+        else ("'memit' is not available" in out)
+    )
     assert (tmp_path / "gpu_check.json").is_file()

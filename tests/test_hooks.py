@@ -34,17 +34,13 @@ def enc(tok):
 
 def hook_counts(model: nn.Module) -> dict[str, int]:
     """Number of forward (pre-)hooks on every module (transformers installs some of its own)."""
-    return {
-        n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()
-    }
+    return {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()}
 
 
 def count_block_calls(model, arch):
     calls: list[int] = []
     handles = [
-        get_module(model, arch.layer_name(i)).register_forward_hook(
-            lambda *_, i=i: calls.append(i)
-        )
+        get_module(model, arch.layer_name(i)).register_forward_hook(lambda *_, i=i: calls.append(i))
         for i in range(arch.n_layers)
     ]
     return calls, handles
@@ -135,8 +131,9 @@ def test_hooks_removed_on_exception(model, arch, enc):
     def bad_edit(output, layer):
         raise RuntimeError("boom in hook")
 
-    with pytest.raises(RuntimeError, match="boom in hook"), Trace(
-        model, arch.layer_name(0), edit_output=bad_edit
+    with (
+        pytest.raises(RuntimeError, match="boom in hook"),
+        Trace(model, arch.layer_name(0), edit_output=bad_edit),
     ):
         model(**enc)
     assert hook_counts(model) == before

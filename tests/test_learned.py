@@ -30,7 +30,11 @@ from factedit.learned.core import HiddenCache, example_batch, top_hidden
 from factedit.methods import EditContext, edit, get_method
 from factedit.saving import apply_edits
 
-REQUEST = {"prompt": "{} was the founder of", "subject": "Steve Jobs", "target_new": {"str": "Microsoft"}}
+REQUEST = {
+    "prompt": "{} was the founder of",
+    "subject": "Steve Jobs",
+    "target_new": {"str": "Microsoft"},
+}
 QUICK = {"val_size": 3, "eval_every": 10, "max_examples": 20, "patience": 10}
 
 TEXTS = [
@@ -52,7 +56,9 @@ def cf_path(data_dir):
 def mend_cf(model, tok, cf_path, tmp_path_factory):
     """A MEND-CF editor trained for 20 steps on the real default model."""
     root = tmp_path_factory.mktemp("cache")
-    result = train_editor(model, tok, "mend", "cf", cf_path, steps=20, hparams=QUICK, cache_dir=root, progress=False)
+    result = train_editor(
+        model, tok, "mend", "cf", cf_path, steps=20, hparams=QUICK, cache_dir=root, progress=False
+    )
     return root, result
 
 
@@ -65,7 +71,9 @@ def test_names_resolve():
 
 def test_top_blocks_from_cached_state_match_full_pass(model, tok):
     arch = describe(model)
-    ex = example_batch(tok, [("Steve Jobs was the founder of", " Apple"), ("Paris is in", " France")], model.device)
+    ex = example_batch(
+        tok, [("Steve Jobs was the founder of", " Apple"), ("Paris is in", " France")], model.device
+    )
     full = top_hidden(model, arch, ex, None)
     cache = HiddenCache.fill(model, arch, arch.n_layers - 3, ex)
     assert cache is not None and ex.hidden is not None
@@ -77,11 +85,17 @@ def test_training_loss_falls_and_edit_raises_target(model, tok, mend_cf, unchang
     root, result = mend_cf
     curve = result.header["curve"]
     assert curve[-1]["val_loss"] < curve[0]["val_loss"] - 0.3, curve
-    assert result.header["data"]["excluded_subjects"] > 500  # counterfact_dev.json lies beside the file
+    assert (
+        result.header["data"]["excluded_subjects"] > 500
+    )  # counterfact_dev.json lies beside the file
     assert result.header["base_model"]["fingerprint"]
-    with factedit.edited(model, tok, REQUEST, method="MEND-CF", context=EditContext(cache_dir=root)) as r:
+    with factedit.edited(
+        model, tok, REQUEST, method="MEND-CF", context=EditContext(cache_dir=root)
+    ) as r:
         d = r.diagnostics[0]
-        p_after = factedit.scoring.target_prob(model, tok, ["Steve Jobs was the founder of"], [" Microsoft"])[0]
+        p_after = factedit.scoring.target_prob(
+            model, tok, ["Steve Jobs was the founder of"], [" Microsoft"]
+        )[0]
         assert float(p_after) == pytest.approx(d["target_prob_after"], rel=1e-4)
         assert d["target_prob_after"] > 3 * d["target_prob_before"], d
         assert set(r.deltas) == {describe(model).mlp_out_weight_name(i) for i in (27, 28, 29)}
@@ -89,13 +103,21 @@ def test_training_loss_falls_and_edit_raises_target(model, tok, mend_cf, unchang
     # restore is exact: checked by unchanged_after
 
 
-def test_cached_editor_is_reused_and_reload_is_bit_identical(model, tok, cf_path, mend_cf, tmp_path, unchanged_after):
+def test_cached_editor_is_reused_and_reload_is_bit_identical(
+    model, tok, cf_path, mend_cf, tmp_path, unchanged_after
+):
     root, result = mend_cf
-    again = train_editor(model, tok, "mend", "cf", cf_path, steps=20, hparams=QUICK, cache_dir=root, progress=False)
+    again = train_editor(
+        model, tok, "mend", "cf", cf_path, steps=20, hparams=QUICK, cache_dir=root, progress=False
+    )
     assert again.from_cache and again.path == result.path
     arch = describe(model)
-    a = LearnedEditor.load(result.path).compute(model, tok, arch, "Steve Jobs was the founder of", " Microsoft", None)[0]
-    b = LearnedEditor.load(result.path).compute(model, tok, arch, "Steve Jobs was the founder of", " Microsoft", None)[0]
+    a = LearnedEditor.load(result.path).compute(
+        model, tok, arch, "Steve Jobs was the founder of", " Microsoft", None
+    )[0]
+    b = LearnedEditor.load(result.path).compute(
+        model, tok, arch, "Steve Jobs was the founder of", " Microsoft", None
+    )[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the edit saves and re-applies bit-for-bit like any other method's
     r = edit(model, tok, REQUEST, method="mend-cf", hparams={"editor": str(result.path)})
@@ -107,15 +129,25 @@ def test_cached_editor_is_reused_and_reload_is_bit_identical(model, tok, cf_path
     applied.revert()
 
 
-def test_a_held_context_reads_the_editor_once_and_rechecks_the_model(model, tok, mend_cf, monkeypatch, unchanged_after):
+def test_a_held_context_reads_the_editor_once_and_rechecks_the_model(
+    model, tok, mend_cf, monkeypatch, unchanged_after
+):
     root, _ = mend_cf
     reads, checks = [], []
     load, check = LearnedEditor.load.__func__, LearnedEditor.check_model
-    monkeypatch.setattr(LearnedEditor, "load", classmethod(lambda cls, *a, **k: reads.append(a) or load(cls, *a, **k)))
-    monkeypatch.setattr(LearnedEditor, "check_model", lambda self, *a: checks.append(a) or check(self, *a))
+    monkeypatch.setattr(
+        LearnedEditor,
+        "load",
+        classmethod(lambda cls, *a, **k: reads.append(a) or load(cls, *a, **k)),
+    )
+    monkeypatch.setattr(
+        LearnedEditor, "check_model", lambda self, *a: checks.append(a) or check(self, *a)
+    )
     ctx = EditContext(cache_dir=root, progress=False)
     for target in ("Microsoft", "Google"):
-        edit(model, tok, {**REQUEST, "target_new": {"str": target}}, method="mend-cf", context=ctx).restore()
+        edit(
+            model, tok, {**REQUEST, "target_new": {"str": target}}, method="mend-cf", context=ctx
+        ).restore()
     assert len(reads) == 1 and len(checks) == 2
 
 
@@ -123,14 +155,22 @@ def test_untrained_variant_names_the_training_command(model, tok, tmp_path, pris
     with pytest.raises(EditorNotTrainedError, match="factedit train ke --variant zsre --data"):
         edit(model, tok, REQUEST, method="KE-zsRE", context=EditContext(cache_dir=tmp_path))
     with pytest.raises(EditorNotTrainedError, match="factedit train mend --variant gen"):
-        factedit.demo_model_editing(model, tok, [REQUEST], [], alg_name="MEND", context=EditContext(cache_dir=tmp_path))
+        factedit.demo_model_editing(
+            model, tok, [REQUEST], [], alg_name="MEND", context=EditContext(cache_dir=tmp_path)
+        )
     assert_weights_equal(model, pristine_state)
 
 
 def test_zero_gradient_is_refused(model, tok, mend_cf, pristine_state):
     root, result = mend_cf
     with pytest.raises(ZeroGradientError, match="already predicts"):
-        edit(model, tok, REQUEST, method="mend-cf", hparams={"editor": str(result.path), "min_grad_norm": 1e12})
+        edit(
+            model,
+            tok,
+            REQUEST,
+            method="mend-cf",
+            hparams={"editor": str(result.path), "min_grad_norm": 1e12},
+        )
     assert_weights_equal(model, pristine_state)
 
 
@@ -165,7 +205,14 @@ def test_tiny_architectures_train_and_edit(tok, arch_name, tmp_path):
                        "eval_every": 3, "layers": [1, 2]}, cache_dir=tmp_path, progress=False)  # fmt: skip
     assert_weights_equal(tiny, state)  # training never writes the weights
     # Found in the cache for this model and these layers.
-    r = edit(tiny, tok, REQUEST, method="mend", hparams={"layers": [1, 2]}, context=EditContext(cache_dir=tmp_path))
+    r = edit(
+        tiny,
+        tok,
+        REQUEST,
+        method="mend",
+        hparams={"layers": [1, 2]},
+        context=EditContext(cache_dir=tmp_path),
+    )
     assert r.diagnostics[0]["editor"] == str(res.path)
     r.restore()
     assert_weights_equal(tiny, state)
@@ -187,10 +234,34 @@ def test_interrupted_training_resumes(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod._Trainer, "losses", flaky)
     out = tmp_path / "mend.safetensors"
     with pytest.raises(TrainingInterrupted, match="rerun the same command"):
-        train_editor(tiny, tok, "mend", "gen", TEXTS, steps=6, hparams=hp, out=out, cache_dir=tmp_path, progress=False)
+        train_editor(
+            tiny,
+            tok,
+            "mend",
+            "gen",
+            TEXTS,
+            steps=6,
+            hparams=hp,
+            out=out,
+            cache_dir=tmp_path,
+            progress=False,
+        )
     assert not out.exists() and (tmp_path / "mend.safetensors.ckpt").is_file()
-    res = train_editor(tiny, tok, "mend", "gen", TEXTS, steps=6, hparams=hp, out=out, cache_dir=tmp_path, progress=False)
-    assert calls["n"] == 4 + 3  # steps 3..5 only: the run continued from the checkpoint at step 2... and step 3
+    res = train_editor(
+        tiny,
+        tok,
+        "mend",
+        "gen",
+        TEXTS,
+        steps=6,
+        hparams=hp,
+        out=out,
+        cache_dir=tmp_path,
+        progress=False,
+    )
+    assert (
+        calls["n"] == 4 + 3
+    )  # steps 3..5 only: the run continued from the checkpoint at step 2... and step 3
     assert [c["step"] for c in res.header["curve"]] == [0, 2, 4, 6]
     assert not (tmp_path / "mend.safetensors.ckpt").exists()
 
@@ -199,7 +270,11 @@ def test_bad_training_data(model, tok, tmp_path, pristine_state):
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     broken = tmp_path / "broken.json"
-    broken.write_text(json.dumps([{"prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano"}]))
+    broken.write_text(
+        json.dumps(
+            [{"prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano"}]
+        )
+    )
     notjson = tmp_path / "bad.json"
     notjson.write_text("{not json")
     with pytest.raises(TrainingDataError, match="holds no records"):

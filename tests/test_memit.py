@@ -19,9 +19,21 @@ from factedit.scoring import target_token_scores
 from factedit.values import ValueConfig, optimize_values
 
 REQUESTS = [
-    {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": {"str": "Rome"}},
-    {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"}},
-    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": {"str": "English"}},
+    {
+        "prompt": "{} is located in the city of",
+        "subject": "The Eiffel Tower",
+        "target_new": {"str": "Rome"},
+    },
+    {
+        "prompt": "{} plays the sport of",
+        "subject": "LeBron James",
+        "target_new": {"str": "football"},
+    },
+    {
+        "prompt": "The mother tongue of {} is",
+        "subject": "Danielle Darrieux",
+        "target_new": {"str": "English"},
+    },
     {"prompt": "{} is a product of", "subject": "iPhone", "target_new": {"str": "Nokia"}},
 ]
 # Small budgets so the tests stay short; the shipped defaults are measured in bench/.
@@ -84,7 +96,9 @@ def test_alphaedit_projector_annihilates_preserved_keys():
     g = torch.Generator().manual_seed(1)
     d_in, d_out, rank = 30, 8, 10
     basis = torch.randn(d_in, rank, generator=g, dtype=torch.float64)
-    preserved = (basis @ torch.randn(rank, 200, generator=g, dtype=torch.float64)).T  # (200, d_in), rank 10
+    preserved = (
+        basis @ torch.randn(rank, 200, generator=g, dtype=torch.float64)
+    ).T  # (200, d_in), rank 10
     c = preserved.T @ preserved / 200
     p = nullspace_projector(c, 1e-8)
     assert torch.allclose(p @ p, p, atol=1e-10) and torch.allclose(p, p.T)
@@ -129,6 +143,7 @@ def test_alphaedit_total_change_penalty_solves_its_normal_equations():
     plain = (plain.materialize() if hasattr(plain, "materialize") else plain).double()
     zero = alphaedit_delta(*args, mom2=c, mom2_weight=lam, drift=torch.zeros(d_out, d_in)).double()
     assert torch.allclose(zero, plain, atol=1e-6) and not torch.allclose(dw, plain, atol=1e-3)
+
     # It takes back part of the change so far: the total change's penalty is smaller than
     # with the batch's update added on top of D as it is.
     def penalty(total):
@@ -154,7 +169,9 @@ def test_alphaedit_held_outputs_solve_their_normal_equations():
     torch.testing.assert_close(pull, kpd.T @ e_p)
     lam, alpha, gamma = 0.9, 0.3, 2.0
     args = (k, r, p, kpd.T @ kpd, alpha, _Arch())
-    dw = alphaedit_delta(*args, mom2=c, mom2_weight=lam, preserved_weight=gamma, drift=drift, held_pull=pull).double()
+    dw = alphaedit_delta(
+        *args, mom2=c, mom2_weight=lam, preserved_weight=gamma, drift=drift, held_pull=pull
+    ).double()
     kd, eye = k.double(), torch.eye(d_in, dtype=torch.float64)
     lhs = dw @ ((kd.T @ kd + gamma * kpd.T @ kpd + lam * c) @ p + alpha * eye)
     rhs = (r.double().T @ kd + gamma * e_p.T @ kpd - lam * drift.double() @ c) @ p
@@ -162,10 +179,14 @@ def test_alphaedit_held_outputs_solve_their_normal_equations():
     at_rest = AlphaEditState(keys={3: [kp.float()]}, outputs={3: [kp.float() @ w.T]}, requests=[[None] * 6])  # type: ignore[list-item]  # fmt: skip
     plain = alphaedit_delta(*args, preserved_weight=gamma)
     plain = (plain.materialize() if hasattr(plain, "materialize") else plain).double()
-    rest = alphaedit_delta(*args, preserved_weight=gamma, held_pull=at_rest.held_outputs_pull(3, w)).double()
+    rest = alphaedit_delta(
+        *args, preserved_weight=gamma, held_pull=at_rest.held_outputs_pull(3, w)
+    ).double()
     torch.testing.assert_close(rest, plain, atol=1e-5, rtol=1e-5)
     # Leaving a request out drops its rows from the pull as from the Gram matrix.
-    torch.testing.assert_close(state.held_outputs_pull(3, w, [1]), kpd[[0, 2, 3, 4, 5]].T @ e_p[[0, 2, 3, 4, 5]])
+    torch.testing.assert_close(
+        state.held_outputs_pull(3, w, [1]), kpd[[0, 2, 3, 4, 5]].T @ e_p[[0, 2, 3, 4, 5]]
+    )
 
 
 def test_alphaedit_holds_earlier_edits_to_the_outputs_their_batch_left(model, tok, pristine_state):
@@ -190,8 +211,19 @@ def test_alphaedit_holds_earlier_edits_to_the_outputs_their_batch_left(model, to
             assert [len(o) for o in state.outputs.values()] == [1, 1]
             lost.restore()  # the weights forget the first batch; the state does not
             assert holds(model, tok, first) == [False, False]
-            result = edit(model, tok, second, method="alphaedit", hparams={**hp, "hold_prior_outputs": hold}, context=ctx)
-            outcome[hold] = (p_new(model, tok, first), holds(model, tok, first), holds(model, tok, second))
+            result = edit(
+                model,
+                tok,
+                second,
+                method="alphaedit",
+                hparams={**hp, "hold_prior_outputs": hold},
+                context=ctx,
+            )
+            outcome[hold] = (
+                p_new(model, tok, first),
+                holds(model, tok, first),
+                holds(model, tok, second),
+            )
             assert [len(o) for o in state.outputs.values()] == [2, 2]
             result.restore()
             assert_weights_equal(model, pristine_state)
@@ -230,7 +262,13 @@ def test_alphaedit_total_change_penalty_anchors_at_the_sequence_start(tok, tmp_p
     assert state.anchors == {}
     # The option changes the second batch's write (the first has no change to take back).
     plain_ctx = EditContext(cache_dir=tmp_path, progress=False)
-    plain = EditSession(tiny, tok, method="alphaedit", hparams={**hp, "penalise_total_change": False}, context=plain_ctx)
+    plain = EditSession(
+        tiny,
+        tok,
+        method="alphaedit",
+        hparams={**hp, "penalise_total_change": False},
+        context=plain_ctx,
+    )
     plain.apply(REQUESTS[:1])
     first_plain = arch.mlp_out_weight_as_out_in(tiny, 1).detach().clone()
     plain.apply(REQUESTS[1:2])
@@ -265,7 +303,9 @@ def test_alphaedit_state_gram_leaves_out_requests_with_all_their_template_rows()
 
 @pytest.mark.parametrize("bad", [{"repair_prior_rounds": -1}, {"prior_keys_weight": -1.0}, {"retry_rounds": -1},
                                  {"repair_update_weight": -1.0}, {"repeat_factor": -1.0}])  # fmt: skip
-def test_alphaedit_refuses_negative_counts_and_weights_before_editing(model, tok, unchanged_after, bad):
+def test_alphaedit_refuses_negative_counts_and_weights_before_editing(
+    model, tok, unchanged_after, bad
+):
     with pytest.raises(ValueError, match=next(iter(bad))):
         edit(model, tok, REQUESTS[:1], method="alphaedit", hparams={**SMALL, **bad})
 
@@ -279,20 +319,37 @@ def test_alphaedit_statistics_penalty_solves_its_normal_equations():
     dw = alphaedit_delta(k, r, p, kp.T @ kp, alpha, _Arch(), mom2=c, mom2_weight=lam)
     dw = dw.materialize() if hasattr(dw, "materialize") else dw
     kd = k.double()
-    lhs = dw.double() @ ((kd.T @ kd + kp.T @ kp + lam * c) @ p + alpha * torch.eye(d_in, dtype=torch.float64))
+    lhs = dw.double() @ (
+        (kd.T @ kd + kp.T @ kp + lam * c) @ p + alpha * torch.eye(d_in, dtype=torch.float64)
+    )
     assert torch.allclose(lhs, r.double().T @ kd @ p, atol=1e-6)
-    assert (dw.double() @ (torch.eye(d_in, dtype=torch.float64) - p)).abs().max() < 1e-5 * dw.abs().max()  # rows in P's range
+    assert (
+        dw.double() @ (torch.eye(d_in, dtype=torch.float64) - p)
+    ).abs().max() < 1e-5 * dw.abs().max()  # rows in P's range
     memit = memit_delta(k, r, c + kp.T @ kp / lam, lam, _Arch())
     memit = memit.materialize() if hasattr(memit, "materialize") else memit
-    same = alphaedit_delta(k, r, torch.eye(d_in, dtype=torch.float64), kp.T @ kp, 1e-12, _Arch(), mom2=c, mom2_weight=lam)
+    same = alphaedit_delta(
+        k,
+        r,
+        torch.eye(d_in, dtype=torch.float64),
+        kp.T @ kp,
+        1e-12,
+        _Arch(),
+        mom2=c,
+        mom2_weight=lam,
+    )
     same = same.materialize() if hasattr(same, "materialize") else same
     assert torch.allclose(same.double(), memit.double(), atol=1e-6)
     # γ weighs the earlier keys: (K Kᵀ + γ K_p K_pᵀ + λ C) P + α I, and a larger γ moves the
     # outputs of the earlier keys less.
     gamma = 20.0
-    dg = alphaedit_delta(k, r, p, kp.T @ kp, alpha, _Arch(), mom2=c, mom2_weight=lam, preserved_weight=gamma)
+    dg = alphaedit_delta(
+        k, r, p, kp.T @ kp, alpha, _Arch(), mom2=c, mom2_weight=lam, preserved_weight=gamma
+    )
     dg = (dg.materialize() if hasattr(dg, "materialize") else dg).double()
-    lhs = dg @ ((kd.T @ kd + gamma * kp.T @ kp + lam * c) @ p + alpha * torch.eye(d_in, dtype=torch.float64))
+    lhs = dg @ (
+        (kd.T @ kd + gamma * kp.T @ kp + lam * c) @ p + alpha * torch.eye(d_in, dtype=torch.float64)
+    )
     # ΔW comes back in float32, and γ = 20 scales the left side up.
     assert torch.allclose(lhs, r.double().T @ kd @ p, atol=1e-4)
     assert (dg @ kp.T).norm() < 0.5 * (dw.double() @ kp.T).norm()
@@ -309,16 +366,22 @@ def test_key_passes_resumed_above_an_edited_layer_match_full_passes(model, tok, 
     templates = ["{}", "The river. {}", "Today, {}"]
     _, _, inputs = keys_and_hidden(model, tok, reqs, arch, 4, None, templates, 8, record=4)
     _, _, top_inputs = keys_and_hidden(model, tok, reqs, arch, None, 6, ["{}"], 8, record=4)
-    assert inputs is not None and len(inputs.chunks) == 2  # 8 rows per pass: 2 requests × 3 templates
+    assert (
+        inputs is not None and len(inputs.chunks) == 2
+    )  # 8 rows per pass: 2 requests × 3 templates
     weight = model.get_parameter(arch.mlp_out_weight_name(4))
     original = weight.detach().clone()
     with torch.no_grad():
         weight.add_(0.05 * torch.randn_like(weight))
     try:
         full_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8)
-        resumed_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8, resume=inputs)
+        resumed_k, _, _ = keys_and_hidden(
+            model, tok, reqs, arch, 5, None, templates, 8, resume=inputs
+        )
         _, full_h, _ = keys_and_hidden(model, tok, reqs, arch, None, 6, ["{}"], 8)
-        _, resumed_h, _ = keys_and_hidden(model, tok, reqs, arch, None, 6, ["{}"], 8, resume=top_inputs)
+        _, resumed_h, _ = keys_and_hidden(
+            model, tok, reqs, arch, None, 6, ["{}"], 8, resume=top_inputs
+        )
     finally:
         with torch.no_grad():
             weight.copy_(original)
@@ -328,14 +391,20 @@ def test_key_passes_resumed_above_an_edited_layer_match_full_passes(model, tok, 
     assert not torch.allclose(before_k, full_k, atol=1e-3)  # the update did reach layer 5's keys
 
 
-def test_block_inputs_carried_past_an_update_match_passes_on_the_edited_model(model, tok, unchanged_after):
+def test_block_inputs_carried_past_an_update_match_passes_on_the_edited_model(
+    model, tok, unchanged_after
+):
     # Recording the input of block 5 with layer 4's projection inputs, then adding layer 4's
     # weight change to them, gives the keys and top outputs a pass on the edited model gives.
     arch = describe(model)
     reqs = [EditRequest.from_any(r) for r in REQUESTS]
     templates = ["{}", "The river. {}", "Today, {}"]
-    _, _, inputs = keys_and_hidden(model, tok, reqs, arch, 4, None, templates, 8, record=5, carry=True)
-    _, _, top_inputs = keys_and_hidden(model, tok, reqs, arch, None, 6, ["{}"], 8, record=5, carry=True)
+    _, _, inputs = keys_and_hidden(
+        model, tok, reqs, arch, 4, None, templates, 8, record=5, carry=True
+    )
+    _, _, top_inputs = keys_and_hidden(
+        model, tok, reqs, arch, None, 6, ["{}"], 8, record=5, carry=True
+    )
     assert inputs is not None and inputs.block == 5 and inputs.acts is not None
     assert inputs.acts[0].shape[-1] == arch.mlp_size
     weight = model.get_parameter(arch.mlp_out_weight_name(4))
@@ -346,10 +415,16 @@ def test_block_inputs_carried_past_an_update_match_passes_on_the_edited_model(mo
     try:
         change = arch.mlp_out_weight_as_out_in(model, 4).detach() - before
         full_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8)
-        carried_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8, resume=inputs.carried(change))
+        carried_k, _, _ = keys_and_hidden(
+            model, tok, reqs, arch, 5, None, templates, 8, resume=inputs.carried(change)
+        )
         _, full_h, _ = keys_and_hidden(model, tok, reqs, arch, None, 6, ["{}"], 8)
-        _, carried_h, _ = keys_and_hidden(model, tok, reqs, arch, None, 6, ["{}"], 8, resume=top_inputs.carried(change))
-        stale_k, _, _ = keys_and_hidden(model, tok, reqs, arch, 5, None, templates, 8, resume=inputs)
+        _, carried_h, _ = keys_and_hidden(
+            model, tok, reqs, arch, None, 6, ["{}"], 8, resume=top_inputs.carried(change)
+        )
+        stale_k, _, _ = keys_and_hidden(
+            model, tok, reqs, arch, 5, None, templates, 8, resume=inputs
+        )
     finally:
         with torch.no_grad():
             weight.copy_(original)
@@ -369,11 +444,15 @@ def test_the_carry_probe_tells_residual_mlp_outputs_from_normed_ones(tok, arch_n
     tiny = make_tiny_model(arch_name)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     arch = describe(tiny)
-    assert [update_adds_to_residual(tiny, tok, arch, i) for i in range(arch.n_layers)] == [arch_name != "gemma3"] * 3
+    assert [update_adds_to_residual(tiny, tok, arch, i) for i in range(arch.n_layers)] == [
+        arch_name != "gemma3"
+    ] * 3
     assert_weights_equal(tiny, before)
 
 
-def test_memit_writes_the_same_weights_with_and_without_carried_block_inputs(model, tok, unchanged_after):
+def test_memit_writes_the_same_weights_with_and_without_carried_block_inputs(
+    model, tok, unchanged_after
+):
     # Two spreading rounds and a retry exercise every path: the recorded bottom, carried key
     # and top passes, the pinned retry. Values in float32: the retry optimises δ again on the
     # edited model, and in bfloat16 the two paths' 1e-6 differences can round apart and grow
@@ -382,7 +461,9 @@ def test_memit_writes_the_same_weights_with_and_without_carried_block_inputs(mod
           "value_dtype": "float32"}  # fmt: skip
     written = {}
     for carry in (False, True):
-        result = edit(model, tok, REQUESTS[:3], method="memit", hparams={**hp, "carry_block_inputs": carry})
+        result = edit(
+            model, tok, REQUESTS[:3], method="memit", hparams={**hp, "carry_block_inputs": carry}
+        )
         try:
             written[carry] = {n: model.get_parameter(n).detach().clone() for n in result.original}
             retried = [d["retried"] for d in result.diagnostics]
@@ -412,7 +493,8 @@ def test_emmet_delta_meets_its_constraints_and_is_memit_on_one_layer():
     assert torch.allclose(exact @ k.double().T, r.double().T, atol=1e-8)
     # ... by the smallest change in C's metric: any other solution of ΔW K = R costs more.
     other = exact + torch.randn(d_out, d_in, generator=g, dtype=torch.float64) @ (
-        torch.eye(d_in, dtype=torch.float64) - k.double().T @ torch.linalg.pinv(k.double().T))
+        torch.eye(d_in, dtype=torch.float64) - k.double().T @ torch.linalg.pinv(k.double().T)
+    )
     assert torch.allclose(other @ k.double().T, r.double().T, atol=1e-8)
     cost = lambda d: torch.trace(d @ c @ d.T)  # noqa: E731
     assert cost(exact) < cost(other)
@@ -436,6 +518,7 @@ def test_emmet_raises_every_target_on_one_layer_and_restores_exactly(model, tok,
     with pytest.raises(ValueError, match="EMMET edits one layer"):
         edit(model, tok, REQUESTS, method="emmet", hparams=SMALL)
 
+
 def test_memit_raises_every_target_and_restores_exactly(model, tok, unchanged_after):
     before = p_new(model, tok, REQUESTS)
     result = edit(model, tok, REQUESTS, method="memit", hparams=SMALL)
@@ -454,7 +537,9 @@ def test_a_second_spreading_round_writes_more_of_the_residual(model, tok, unchan
     # Same values both times (deterministic); the second round writes what λ held back.
     errors = {}
     for rounds in (1, 2):
-        result = edit(model, tok, REQUESTS[:2], method="memit", hparams={**SMALL, "spread_rounds": rounds})
+        result = edit(
+            model, tok, REQUESTS[:2], method="memit", hparams={**SMALL, "spread_rounds": rounds}
+        )
         try:
             errors[rounds] = [d["z_error"] for d in result.diagnostics]
             assert len(result.diagnostics[0]["layer_residuals"]) == 2 * rounds
@@ -464,7 +549,9 @@ def test_a_second_spreading_round_writes_more_of_the_residual(model, tok, unchan
         assert two < one
 
 
-def test_a_retry_round_raises_the_requests_that_did_not_hold_and_pins_the_others(model, tok, unchanged_after):
+def test_a_retry_round_raises_the_requests_that_did_not_hold_and_pins_the_others(
+    model, tok, unchanged_after
+):
     # A strong penalty leaves some requests short of their new target after one write.
     hp = {**SMALL, "mom2_update_weight": 20000.0}
     reqs = [EditRequest.from_any(r) for r in REQUESTS]
@@ -493,7 +580,9 @@ def test_a_retry_round_raises_the_requests_that_did_not_hold_and_pins_the_others
     assert all(d["retried"] >= 1 for d, h in zip(d2, held, strict=True) if not h)
 
 
-def test_alphaedit_retries_under_the_total_change_penalty_keep_the_pinned_edits(model, tok, unchanged_after):
+def test_alphaedit_retries_under_the_total_change_penalty_keep_the_pinned_edits(
+    model, tok, unchanged_after
+):
     """With ``penalise_total_change`` the batch's main write pulls the earlier change back; a
     retry penalises only its own change, so the requests that held stay where they were and
     the failing ones rise. ``total_change_in_follow_ups`` (the behaviour before the fix) makes
@@ -521,7 +610,9 @@ def test_alphaedit_retries_under_the_total_change_penalty_keep_the_pinned_edits(
     assert sum(old[j] for j in pinned) < sum(fixed[j] for j in pinned) - 0.05
 
 
-def test_alphaedit_held_outputs_pull_in_the_main_write_only(model, tok, pristine_state, monkeypatch):
+def test_alphaedit_held_outputs_pull_in_the_main_write_only(
+    model, tok, pristine_state, monkeypatch
+):
     """With ``hold_prior_outputs`` the earlier batch's rows are pulled to their held outputs once
     per batch, in its main write: a retry holds them where they are, as it does the pinned
     requests. ``held_outputs_in_follow_ups`` (the behaviour before the fix) pulls them again in
@@ -546,7 +637,9 @@ def test_alphaedit_held_outputs_pull_in_the_main_write_only(model, tok, pristine
             ctx = EditContext(progress=False)
             edit(model, tok, first, method="alphaedit", hparams=hp, context=ctx)
             pulls.clear()
-            result = edit(model, tok, second, method="alphaedit", hparams={**hp, **extra}, context=ctx)
+            result = edit(
+                model, tok, second, method="alphaedit", hparams={**hp, **extra}, context=ctx
+            )
             runs[label] = (list(pulls), [d["retried"] for d in result.diagnostics],
                            holds(model, tok, [EditRequest.from_any(r) for r in second]))  # fmt: skip
             with torch.no_grad():
@@ -556,7 +649,9 @@ def test_alphaedit_held_outputs_pull_in_the_main_write_only(model, tok, pristine
             model.load_state_dict(pristine_state)
     layers = SMALL["layers"]
     # The setting leaves one request of the second batch failing after its main write: one retry.
-    assert runs["fixed"][1] == runs["old"][1] and 0 in runs["fixed"][1] and 1 in runs["fixed"][1], runs
+    assert runs["fixed"][1] == runs["old"][1] and 0 in runs["fixed"][1] and 1 in runs["fixed"][1], (
+        runs
+    )
     assert runs["fixed"][0] == layers, runs
     assert runs["old"][0] == layers + layers, runs
     # The request the retry pinned still holds after it.
@@ -572,7 +667,9 @@ def test_memit_refuses_conflicting_requests(model, tok, unchanged_after):
 # ---- AlphaEdit in a session --------------------------------------------------------------------
 
 
-def test_alphaedit_session_keeps_first_batch_reverts_and_saves(model, tok, pristine_state, tmp_path):
+def test_alphaedit_session_keeps_first_batch_reverts_and_saves(
+    model, tok, pristine_state, tmp_path
+):
     first, second = REQUESTS[:2], REQUESTS[2:]
     before = p_new(model, tok, REQUESTS)
     session = EditSession(model, tok, method="alphaedit", hparams=SMALL)
@@ -581,7 +678,9 @@ def test_alphaedit_session_keeps_first_batch_reverts_and_saves(model, tok, prist
         after_first = {k: v.detach().clone() for k, v in model.state_dict().items()}
         p_first = p_new(model, tok, first)
         session.apply(second)
-        assert len(session) == 2 and [r.subject for r in session.requests] == [r["subject"] for r in REQUESTS]
+        assert len(session) == 2 and [r.subject for r in session.requests] == [
+            r["subject"] for r in REQUESTS
+        ]
         p_all = p_new(model, tok, REQUESTS)
         # The second batch is written and the first one is kept.
         for i, (b, a) in enumerate(zip(before, p_all, strict=True)):
@@ -608,7 +707,9 @@ def test_alphaedit_session_keeps_first_batch_reverts_and_saves(model, tok, prist
     assert_weights_equal(model, pristine_state)
 
 
-def test_a_one_request_batch_saves_and_reloads_bit_identically(model, tok, pristine_state, tmp_path):
+def test_a_one_request_batch_saves_and_reloads_bit_identically(
+    model, tok, pristine_state, tmp_path
+):
     """A batch of one request writes rank-1 factors (a column whose last dimension has size 1,
     which the file's checksum must hash like any other tensor)."""
     session = EditSession(model, tok, method="alphaedit", hparams=SMALL)
@@ -635,7 +736,9 @@ def _first_batch_keys(model, tok, hp, tmp_path=None):
     from factedit.methods.alphaedit import STATE_KEY
 
     first = [EditRequest.from_any(r) for r in REQUESTS[:2]]
-    ctx = EditContext(cache_dir=tmp_path, progress=False) if tmp_path else EditContext(progress=False)
+    ctx = (
+        EditContext(cache_dir=tmp_path, progress=False) if tmp_path else EditContext(progress=False)
+    )
     session = EditSession(model, tok, method="alphaedit", hparams=hp, context=ctx)
     try:
         session.apply(first)
@@ -645,7 +748,9 @@ def _first_batch_keys(model, tok, hp, tmp_path=None):
         templates = next(t for k, t in ctx.memo.items() if k.startswith("templates/"))
         out = {}
         for layer in hp["layers"]:
-            now, _, _ = keys_and_hidden(model, tok, first, describe(model), layer, None, templates, template_rows=True)
+            now, _, _ = keys_and_hidden(
+                model, tok, first, describe(model), layer, None, templates, template_rows=True
+            )
             out[layer] = (state.keys[layer][0], now)
     finally:
         session.revert_all()
@@ -653,7 +758,9 @@ def _first_batch_keys(model, tok, hp, tmp_path=None):
     return out
 
 
-def test_alphaedit_refreshed_prior_keys_are_the_keys_on_the_edited_model(model, tok, pristine_state):
+def test_alphaedit_refreshed_prior_keys_are_the_keys_on_the_edited_model(
+    model, tok, pristine_state
+):
     """With ``refresh_prior_keys`` the first batch's keys that the second batch's updates
     preserve are those its subjects have on the model as edited so far (a layer's keys depend
     only on the layers below it, all updated before it); without, those its own write read,
@@ -688,8 +795,19 @@ def test_alphaedit_repairs_earlier_edits_that_no_longer_hold(model, tok, pristin
             assert holds(model, tok, first) == [True, True]
             lost.restore()  # the weights forget the first batch; the state does not
             assert holds(model, tok, first) == [False, False]
-            result = edit(model, tok, second, method="alphaedit", hparams={**hp, "repair_prior_rounds": rounds}, context=ctx)
-            outcome[rounds] = (holds(model, tok, first), holds(model, tok, second), result.diagnostics[0])
+            result = edit(
+                model,
+                tok,
+                second,
+                method="alphaedit",
+                hparams={**hp, "repair_prior_rounds": rounds},
+                context=ctx,
+            )
+            outcome[rounds] = (
+                holds(model, tok, first),
+                holds(model, tok, second),
+                result.diagnostics[0],
+            )
             result.restore()
             assert_weights_equal(model, pristine_state)
     finally:
@@ -719,7 +837,9 @@ def test_alphaedit_repair_writes_with_its_own_statistics_weight(tok, tmp_path):
         ctx = EditContext(cache_dir=tmp_path, progress=False)
         lost = edit(tiny, tok, REQUESTS[:2], method="alphaedit", hparams=hp, context=ctx)
         lost.restore()  # the weights forget the first batch; the sequence's state does not
-        result = edit(tiny, tok, REQUESTS[2:], method="alphaedit", hparams={**hp, **extra}, context=ctx)
+        result = edit(
+            tiny, tok, REQUESTS[2:], method="alphaedit", hparams={**hp, **extra}, context=ctx
+        )
         deltas[label] = torch.cat([(p - before[n]).flatten() for n, p in tiny.state_dict().items()])
         repaired = result.diagnostics[0].get("repaired_prior", 0)
         result.restore()
@@ -759,7 +879,11 @@ def test_requests_file_formats_and_errors(tmp_path):
     jsonl.write_text("\n".join(json.dumps(r) for r in REQUESTS) + "\n")
     assert load_requests(jsonl) == load_requests(as_list)
 
-    bad = [REQUESTS[0], {"prompt": "no placeholder here", "subject": "X", "target_new": "Y"}, REQUESTS[1]]
+    bad = [
+        REQUESTS[0],
+        {"prompt": "no placeholder here", "subject": "X", "target_new": "Y"},
+        REQUESTS[1],
+    ]
     with pytest.raises(InvalidRequestError, match=r"request 1 is invalid"):
         parse_requests_text(json.dumps(bad))
     lines = "\n".join(json.dumps(r) for r in [REQUESTS[0], {"prompt": "{} is", "subject": "A"}])
@@ -776,8 +900,12 @@ def test_cli_edit_stops_on_an_invalid_request_file(model, pristine_state, tmp_pa
     from factedit.cli import main
 
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(REQUESTS[0]) + "\n" + json.dumps({**REQUESTS[1], "target_new": ""}) + "\n")
-    code = main(["edit", "--method", "memit", "--requests", str(path), "--batch-size", "1", "--no-progress"])
+    path.write_text(
+        json.dumps(REQUESTS[0]) + "\n" + json.dumps({**REQUESTS[1], "target_new": ""}) + "\n"
+    )
+    code = main(
+        ["edit", "--method", "memit", "--requests", str(path), "--batch-size", "1", "--no-progress"]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "request 1 (line 2) is invalid" in err and "nothing was edited" in err
@@ -787,7 +915,9 @@ def test_cli_edit_stops_on_an_invalid_request_file(model, pristine_state, tmp_pa
 # ---- the mass-editing evaluation ---------------------------------------------------------------
 
 
-def test_batch_evaluation_sequential_measures_all_at_the_end(model, tok, pristine_state, data_dir, tmp_path):
+def test_batch_evaluation_sequential_measures_all_at_the_end(
+    model, tok, pristine_state, data_dir, tmp_path
+):
     from factedit.evaluate import load_dataset, make_config, read_results
     from factedit.evaluate.batch import run_batch_evaluation
 
@@ -796,7 +926,9 @@ def test_batch_evaluation_sequential_measures_all_at_the_end(model, tok, pristin
     cfg = make_config(model, method="memit", hparams=SMALL, model_name="smollm2", dataset=path,
                       kind="counterfact", sequential=True, generation=False)  # fmt: skip
     out = tmp_path / "r.jsonl"
-    summary = run_batch_evaluation(model, tok, cases, cfg, out, batch_size=1, hparams=SMALL, progress=False)
+    summary = run_batch_evaluation(
+        model, tok, cases, cfg, out, batch_size=1, hparams=SMALL, progress=False
+    )
     assert_weights_equal(model, pristine_state)
     res = read_results(out)
     assert res.config["batch_size"] == 1 and res.config["sequential"] is True
@@ -814,10 +946,14 @@ def test_batch_evaluation_sequential_measures_all_at_the_end(model, tok, pristin
     from factedit.evaluate import ConfigMismatchError
 
     with pytest.raises(ConfigMismatchError, match="batch_size"):
-        run_batch_evaluation(model, tok, cases, cfg, out, batch_size=2, hparams=SMALL, progress=False)
+        run_batch_evaluation(
+            model, tok, cases, cfg, out, batch_size=2, hparams=SMALL, progress=False
+        )
 
 
-def test_batch_evaluation_generates_for_the_sample_across_cases(model, tok, pristine_state, data_dir, tmp_path):
+def test_batch_evaluation_generates_for_the_sample_across_cases(
+    model, tok, pristine_state, data_dir, tmp_path
+):
     """The GE sample's texts are generated many cases per call (each case from its own seed)
     and are the ones a case generated alone gets; the pre-edit cache skips them next time."""
     from factedit.evaluate import load_dataset, make_config, read_results
@@ -829,12 +965,21 @@ def test_batch_evaluation_generates_for_the_sample_across_cases(model, tok, pris
     cfg = make_config(model, method="memit", hparams=SMALL, model_name="smollm2", dataset=path,
                       kind="counterfact", gen_length=40)  # fmt: skip
     sample = generation_sample(cases, 2, cfg.seed)
-    run = dict(batch_size=3, hparams=SMALL, progress=False, gen_sample=2, pre_cache=tmp_path / "pre", gen_batch_rows=8)
+    run = dict(
+        batch_size=3,
+        hparams=SMALL,
+        progress=False,
+        gen_sample=2,
+        pre_cache=tmp_path / "pre",
+        gen_batch_rows=8,
+    )
     summary = run_batch_evaluation(model, tok, cases, cfg, tmp_path / "a.jsonl", **run)
     assert_weights_equal(model, pristine_state)
     res = read_results(tmp_path / "a.jsonl")
     with_gen = {c["case_id"] for c in res.cases if "GE" in c["pre"]}
-    assert with_gen == sample and all("GE" in c["post"] for c in res.cases if c["case_id"] in sample)
+    assert with_gen == sample and all(
+        "GE" in c["post"] for c in res.cases if c["case_id"] in sample
+    )
     by_id = {c.case_id: c for c in cases}
     same = total = 0
     for rec in res.cases:
@@ -852,7 +997,9 @@ def test_batch_evaluation_generates_for_the_sample_across_cases(model, tok, pris
         assert a["pre"] == b["pre"] and b["seconds"]["pre_eval"] == 0
 
 
-def test_sequential_batches_measure_fluency_along_the_way(model, tok, pristine_state, data_dir, tmp_path):
+def test_sequential_batches_measure_fluency_along_the_way(
+    model, tok, pristine_state, data_dir, tmp_path
+):
     """``gen_checkpoints``: after the listed batches the sample's GE is measured again, split
     into cases edited so far and not yet, each paired against its own value before the edits."""
     from factedit.evaluate import load_dataset, make_config, read_results, summarize
@@ -866,11 +1013,15 @@ def test_sequential_batches_measure_fluency_along_the_way(model, tok, pristine_s
     # Refused before anything is written: no checkpoint at or past the last batch, none
     # without the sequence.
     with pytest.raises(ValueError, match=r"\[3\] out of range.*1\.\.2"):
-        run_batch_evaluation(model, tok, cases, cfg, tmp_path / "x.jsonl", gen_checkpoints=[3], **run)
+        run_batch_evaluation(
+            model, tok, cases, cfg, tmp_path / "x.jsonl", gen_checkpoints=[3], **run
+        )
     batch_cfg = make_config(model, method="memit", hparams=SMALL, model_name="smollm2", dataset=path,
                             kind="counterfact", gen_length=30)  # fmt: skip
     with pytest.raises(ValueError, match="sequential"):
-        run_batch_evaluation(model, tok, cases, batch_cfg, tmp_path / "x.jsonl", gen_checkpoints=[1], **run)
+        run_batch_evaluation(
+            model, tok, cases, batch_cfg, tmp_path / "x.jsonl", gen_checkpoints=[1], **run
+        )
     assert not (tmp_path / "x.jsonl").exists()
 
     out = tmp_path / "r.jsonl"
@@ -885,7 +1036,11 @@ def test_sequential_batches_measure_fluency_along_the_way(model, tok, pristine_s
         rows = cp["per_case"]
         assert [r["case_id"] for r in rows] == [c.case_id for c in cases]
         assert [r["edited"] for r in rows] == [i < k for i in range(3)]
-        assert cp["n_edits"] == k and cp["groups"]["edited"]["n"] == k and cp["groups"]["unedited"]["n"] == 3 - k
+        assert (
+            cp["n_edits"] == k
+            and cp["groups"]["edited"]["n"] == k
+            and cp["groups"]["unedited"]["n"] == 3 - k
+        )
         for group, flag in (("edited", True), ("unedited", False)):
             mine = [r for r in rows if r["edited"] is flag]
             change = sum(r["GE"] - pre_ge[r["case_id"]] for r in mine) / len(mine)
@@ -910,13 +1065,21 @@ def test_mass_editing_runs_on_tiny_architectures(tok, arch_name, method, tmp_pat
     tiny = make_tiny_model(arch_name)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     layers = [1] if method == "emmet" else [0, 1]
-    hp = {"layers": layers, "context_templates": [[3, 1]], "v_num_grad_steps": 3, "mom2_tokens": 2000}
+    hp = {
+        "layers": layers,
+        "context_templates": [[3, 1]],
+        "v_num_grad_steps": 3,
+        "mom2_tokens": 2000,
+    }
     ctx = EditContext(cache_dir=tmp_path, progress=False)
     result = edit(tiny, tok, REQUESTS[:2], method=method, hparams=hp, context=ctx)
     arch = describe(tiny)
     names = [arch.mlp_out_weight_name(i) for i in layers]
     assert sorted(result.original) == sorted(names)
     for n in names:
-        assert not torch.equal(tiny.get_parameter(n), before[n]) and torch.isfinite(tiny.get_parameter(n)).all()
+        assert (
+            not torch.equal(tiny.get_parameter(n), before[n])
+            and torch.isfinite(tiny.get_parameter(n)).all()
+        )
     result.restore()
     assert_weights_equal(tiny, before)

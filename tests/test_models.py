@@ -150,7 +150,9 @@ def test_load_folder(tiny_folder):
 def test_unsupported_architecture_folder(tmp_path, tok):
     from transformers import T5Config
 
-    T5Config(vocab_size=64, d_model=8, d_ff=16, num_layers=1, num_heads=2, d_kv=4).save_pretrained(tmp_path)
+    T5Config(vocab_size=64, d_model=8, d_ff=16, num_layers=1, num_heads=2, d_kv=4).save_pretrained(
+        tmp_path
+    )
     tok.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitectureError, match="T5Config.*'t5'") as info:
         load_model(tmp_path)

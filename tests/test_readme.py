@@ -88,8 +88,11 @@ FACTS_JSONL = (
 )
 
 SHELL_RULES: list[Rule] = [
-    Rule(r"^make (demo|test)$", skip="builds .venv; 'make test' is this suite, "
-         "'make demo' is factedit demo (tests/test_demo.py)"),  # fmt: skip
+    Rule(
+        r"^make (demo|test)$",
+        skip="builds .venv; 'make test' is this suite, "
+        "'make demo' is factedit demo (tests/test_demo.py)",
+    ),  # fmt: skip
     Rule(r"^factedit --help$", expect="usage: factedit"),
     Rule(r"^factedit methods\b", expect="rome"),
     Rule(r"^factedit info\b", expect="architecture"),
@@ -97,32 +100,69 @@ SHELL_RULES: list[Rule] = [
     # One optimisation step: the edit is saved and used by apply and chat below; its quality
     # is tested elsewhere.
     # A requests file of two facts (JSONL); one batch, one optimisation step.
-    Rule(r"^factedit edit --method memit --requests facts.jsonl", files={"facts.jsonl": FACTS_JSONL},
-         add=["--max-new-tokens", "3", "--hparams", QUICK_ROME], expect="[after]"),  # fmt: skip
-    Rule(r"^factedit edit ", add=["--max-new-tokens", "3", "--hparams", QUICK_ROME], expect="[after]"),
+    Rule(
+        r"^factedit edit --method memit --requests facts.jsonl",
+        files={"facts.jsonl": FACTS_JSONL},
+        add=["--max-new-tokens", "3", "--hparams", QUICK_ROME],
+        expect="[after]",
+    ),  # fmt: skip
+    Rule(
+        r"^factedit edit ", add=["--max-new-tokens", "3", "--hparams", QUICK_ROME], expect="[after]"
+    ),
     Rule(r"^factedit apply ", expect="wrote the edited model"),
-    Rule(r"^factedit chat ", add=["--max-out-len", "12"], stdin="Steve Jobs worked for\n",
-         expect="[original] Steve Jobs worked for"),  # fmt: skip
-    Rule(r"^factedit trace ", add=["--samples", "1", "--kinds", "mlp", "--formats", "png"],
-         expect="answer ' Paris': clean p="),  # fmt: skip
-    Rule(r"^factedit serve\b", skip="serves until stopped; tests/test_web.py runs the CLI end to end and "
-         "tests/test_web_browser.py drives the page in Chromium"),  # fmt: skip
-    Rule(r"^torchrun ", skip="several processes; tests/test_distributed.py runs 2 gloo ranks "
-         "of stats and eval on the real model"),  # fmt: skip
+    Rule(
+        r"^factedit chat ",
+        add=["--max-out-len", "12"],
+        stdin="Steve Jobs worked for\n",
+        expect="[original] Steve Jobs worked for",
+    ),  # fmt: skip
+    Rule(
+        r"^factedit trace ",
+        add=["--samples", "1", "--kinds", "mlp", "--formats", "png"],
+        expect="answer ' Paris': clean p=",
+    ),  # fmt: skip
+    Rule(
+        r"^factedit serve\b",
+        skip="serves until stopped; tests/test_web.py runs the CLI end to end and "
+        "tests/test_web_browser.py drives the page in Chromium",
+    ),  # fmt: skip
+    Rule(
+        r"^torchrun ",
+        skip="several processes; tests/test_distributed.py runs 2 gloo ranks "
+        "of stats and eval on the real model",
+    ),  # fmt: skip
     # Two shards of two records, then their merge.
-    Rule(r"^factedit eval --method rome .*--shard ", replace={r"--limit \d+": "--limit 2"},
-         add=["--no-progress", "--hparams", QUICK_ROME], expect="| E"),  # fmt: skip
+    Rule(
+        r"^factedit eval --method rome .*--shard ",
+        replace={r"--limit \d+": "--limit 2"},
+        add=["--no-progress", "--hparams", QUICK_ROME],
+        expect="| E",
+    ),  # fmt: skip
     Rule(r"^factedit merge ", expect="| E"),
-    Rule(r"^factedit eval --method rome ", replace={r"--limit \d+": "--limit 1"},
-         add=["--no-generation", "--no-progress", "--hparams", QUICK_ROME], expect="| E"),  # fmt: skip
-    Rule(r"^factedit eval --method (alphaedit|memit) .*--batch-size", replace={r"--limit \d+": "--limit 2",
-         r"--batch-size \d+": "--batch-size 1"}, add=["--no-generation", "--no-progress", "--hparams", QUICK_ROME],
-         expect="| E"),  # fmt: skip
-    Rule(r"^factedit eval --method ft", replace={r"--limit \d+": "--limit 1"},
-         add=["--no-generation", "--no-progress", "--hparams", '{"num_steps": 2}'], expect="| E"),  # fmt: skip
+    Rule(
+        r"^factedit eval --method rome ",
+        replace={r"--limit \d+": "--limit 1"},
+        add=["--no-generation", "--no-progress", "--hparams", QUICK_ROME],
+        expect="| E",
+    ),  # fmt: skip
+    Rule(
+        r"^factedit eval --method (alphaedit|memit) .*--batch-size",
+        replace={r"--limit \d+": "--limit 2", r"--batch-size \d+": "--batch-size 1"},
+        add=["--no-generation", "--no-progress", "--hparams", QUICK_ROME],
+        expect="| E",
+    ),  # fmt: skip
+    Rule(
+        r"^factedit eval --method ft",
+        replace={r"--limit \d+": "--limit 1"},
+        add=["--no-generation", "--no-progress", "--hparams", '{"num_steps": 2}'],
+        expect="| E",
+    ),  # fmt: skip
     Rule(r"^factedit stats ", add=["--tokens", "2000", "--recompute"], expect="tokens, computed"),
-    Rule(r"^factedit eval --method (mend|ke)", skip="needs a trained editor (about 30 min of "
-         "training); tests/test_learned.py trains a small one and edits with it"),  # fmt: skip
+    Rule(
+        r"^factedit eval --method (mend|ke)",
+        skip="needs a trained editor (about 30 min of "
+        "training); tests/test_learned.py trains a small one and edits with it",
+    ),  # fmt: skip
     Rule(r"^factedit train ", skip="minutes of training; tests/test_learned.py runs short ones"),
 ]
 
@@ -181,7 +221,9 @@ def test_readme_shell_snippets_run(tmp_path, data_dir, monkeypatch, capsys):
             timings.append(f"{time.perf_counter() - t0:6.1f} s  {line}")
             where = f"README.md line {block.line}: {line!r} (ran factedit {shlex.join(argv)})"
             assert rc == 0, f"{where} failed:\n{captured.err[-3000:]}"
-            assert rule.expect in captured.out, f"{where}: {rule.expect!r} not in\n{captured.out[-3000:]}"
+            assert rule.expect in captured.out, (
+                f"{where}: {rule.expect!r} not in\n{captured.out[-3000:]}"
+            )
             if line.startswith("factedit trace "):
                 # The README's example traces a fact the model knows, and says so.
                 assert "no --answer given" not in captured.err, captured.err

@@ -128,7 +128,9 @@ def test_from_any_bad_input(obj, match):
 
 
 def test_to_dict_round_trip():
-    r = EditRequest("{} was the founder of", "Steve Jobs", "Microsoft", target_true="Apple", case_id=7)
+    r = EditRequest(
+        "{} was the founder of", "Steve Jobs", "Microsoft", target_true="Apple", case_id=7
+    )
     d = r.to_dict()
     assert d["target_new"] == {"str": "Microsoft"}
     assert EditRequest.from_any(json.loads(json.dumps(d))) == r
@@ -223,7 +225,10 @@ def test_subject_token_range_with_bos(tok):
 
 # ---- prompt_target_batch / scoring ----------------------------------------------------------
 
-PROMPTS = ["The Eiffel Tower is located in the city of", "The mother tongue of Danielle Darrieux is"]
+PROMPTS = [
+    "The Eiffel Tower is located in the city of",
+    "The mother tongue of Danielle Darrieux is",
+]
 TARGETS = [" Paris, France", " French"]
 
 

@@ -13,7 +13,11 @@ from factedit.methods.rome import ROMEHParams
 from factedit.requests import EditRequest, InvalidRequestError
 from factedit.scoring import next_token_distribution
 
-REQUEST = {"prompt": "{} was the founder of", "subject": "Steve Jobs", "target_new": {"str": "Microsoft"}}
+REQUEST = {
+    "prompt": "{} was the founder of",
+    "subject": "Steve Jobs",
+    "target_new": {"str": "Microsoft"},
+}
 KNOWN = {
     "The Eiffel Tower is located in the city of": " Paris",
     "The Beatles came from the city of": " Liverpool",
@@ -21,7 +25,9 @@ KNOWN = {
 
 
 def top1(model, tok, prompts):
-    return [tok.decode([i]) for i in next_token_distribution(model, tok, prompts).argmax(-1).tolist()]
+    return [
+        tok.decode([i]) for i in next_token_distribution(model, tok, prompts).argmax(-1).tolist()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +76,9 @@ def test_result_diagnostics_and_rank_one_delta(steve_jobs_edit, model):
 
 def test_restore_and_seed_restore_loop_are_bit_exact(model, tok, pristine_state):
     result = edit(model, tok, REQUEST, hparams={"v_num_grad_steps": 3})
-    assert not torch.equal(get_parameter(model, next(iter(result.original))), next(iter(result.original.values())))
+    assert not torch.equal(
+        get_parameter(model, next(iter(result.original))), next(iter(result.original.values()))
+    )
     result.restore()
     assert_weights_equal(model, pristine_state)
     result.restore()  # idempotent
@@ -89,7 +97,10 @@ def test_edited_context_restores_on_exit_and_on_error(model, tok, pristine_state
     with edited(model, tok, REQUEST, hparams={"v_num_grad_steps": 2}) as result:
         assert result.steps
     assert_weights_equal(model, pristine_state)
-    with pytest.raises(RuntimeError, match="boom"), edited(model, tok, REQUEST, hparams={"v_num_grad_steps": 2}):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        edited(model, tok, REQUEST, hparams={"v_num_grad_steps": 2}),
+    ):
         raise RuntimeError("boom")
     assert_weights_equal(model, pristine_state)
 
@@ -97,7 +108,11 @@ def test_edited_context_restores_on_exit_and_on_error(model, tok, pristine_state
 def test_sequential_requests_both_take(model, tok, unchanged_after):
     reqs = [
         REQUEST,
-        {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"},
+        {
+            "prompt": "{} is located in the city of",
+            "subject": "The Eiffel Tower",
+            "target_new": "Rome",
+        },
     ]
     with edited(model, tok, reqs) as result:
         assert len(result.diagnostics) == 2
@@ -126,17 +141,43 @@ def test_hparams_from_file_and_unknown_fields(tmp_path, model):
     yaml_path = tmp_path / "rome.yaml"
     yaml_path.write_text("layer: 3\nkl_factor: 0.1\n")
     assert ROMEHParams.from_file(yaml_path).kl_factor == 0.1
-    assert ROMEHParams.defaults_for("rome", model).layer == ROMEHParams.defaults_for("rome", model).layer
+    assert (
+        ROMEHParams.defaults_for("rome", model).layer
+        == ROMEHParams.defaults_for("rome", model).layer
+    )
 
 
 @pytest.mark.parametrize(
     ("request_", "match"),
     [
-        ({"prompt": "was the founder of", "subject": "Steve Jobs", "target_new": "Microsoft"}, "exactly one"),
-        ({"prompt": "{} founded {}", "subject": "Steve Jobs", "target_new": "Microsoft"}, "exactly one"),
-        ({"prompt": "{} was the founder of", "subject": "Steve Jobs", "target_new": {"str": "  "}}, "target_new is empty"),
-        ({"prompt": "{} was the founder of", "subject": " ", "target_new": "Microsoft"}, "subject is empty"),
-        ({"prompt": "Bill Gates was the founder of", "subject": "Steve Jobs", "target_new": "Microsoft"}, "exactly one"),
+        (
+            {"prompt": "was the founder of", "subject": "Steve Jobs", "target_new": "Microsoft"},
+            "exactly one",
+        ),
+        (
+            {"prompt": "{} founded {}", "subject": "Steve Jobs", "target_new": "Microsoft"},
+            "exactly one",
+        ),
+        (
+            {
+                "prompt": "{} was the founder of",
+                "subject": "Steve Jobs",
+                "target_new": {"str": "  "},
+            },
+            "target_new is empty",
+        ),
+        (
+            {"prompt": "{} was the founder of", "subject": " ", "target_new": "Microsoft"},
+            "subject is empty",
+        ),
+        (
+            {
+                "prompt": "Bill Gates was the founder of",
+                "subject": "Steve Jobs",
+                "target_new": "Microsoft",
+            },
+            "exactly one",
+        ),
     ],
 )
 def test_bad_requests_raise_and_leave_model_unchanged(model, tok, unchanged_after, request_, match):
@@ -175,7 +216,11 @@ def test_non_finite_update_is_refused(model, tok, unchanged_after, monkeypatch):
     def nan_values(*args, **kwargs):
         hidden = factedit.describe(model).hidden_size
         nan = float("nan")
-        return [ValueResult(torch.full((hidden,), nan), torch.ones(hidden), 0, nan, nan, nan, False, False)]
+        return [
+            ValueResult(
+                torch.full((hidden,), nan), torch.ones(hidden), 0, nan, nan, nan, False, False
+            )
+        ]
 
     monkeypatch.setattr(rome, "optimize_values", nan_values)
     with pytest.raises(NonFiniteUpdateError, match="NaN or inf"):
@@ -216,7 +261,9 @@ def test_each_key_mode_moves_the_bare_prompt(model, tok, unchanged_after):
     }
     text = "Laurent Cars was employed in"
     with edited(model, tok, req, hparams={"key_mode": "each"}):
-        new, true = mean_target_logprob(model, tok, [text, text], [" Philadelphia", " Paris"]).tolist()
+        new, true = mean_target_logprob(
+            model, tok, [text, text], [" Philadelphia", " Paris"]
+        ).tolist()
     assert new > true
 
 

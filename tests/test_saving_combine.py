@@ -24,7 +24,9 @@ def test_combined_file_replays_stacked_edits_bit_for_bit(model, tok, pristine_st
     mid_file = mid.save(tmp_path / "mid.safetensors")
     mid.restore()
     applied = apply_edits(model, mid_file)
-    last = synthetic_edit(model, [rank_one(model, 4, seed=3, scale=1e-2), rank_one(model, 6, seed=4, scale=1e-2)])
+    last = synthetic_edit(
+        model, [rank_one(model, 4, seed=3, scale=1e-2), rank_one(model, 6, seed=4, scale=1e-2)]
+    )
     stacked = {k: v.clone() for k, v in model.state_dict().items()}
     stacked_logits = logits(model, tok)
     try:

@@ -20,14 +20,18 @@ TEXTS = [
 def test_second_moment_matches_direct_computation(model, tok):
     corpus = Corpus.from_texts(TEXTS, name="tiny")
     layer = 3
-    mom2, mean, count = compute_second_moment(model, tok, layer, corpus=corpus, tokens=400, seq_len=64, progress=False)
+    mom2, mean, count = compute_second_moment(
+        model, tok, layer, corpus=corpus, tokens=400, seq_len=64, progress=False
+    )
     rows = packed_token_rows(tok, corpus, 400, 64)
     arch = describe(model)
     keys = []
     with torch.no_grad():
         for row in rows:
             ids = row[row >= 0][None]
-            with Trace(model, arch.mlp_out_name(layer), retain_input=True, retain_output=False, stop=True) as tr:
+            with Trace(
+                model, arch.mlp_out_name(layer), retain_input=True, retain_output=False, stop=True
+            ) as tr:
                 model(input_ids=ids)
             keys.append(tr.input[0].double())
     k = torch.cat(keys)
@@ -51,11 +55,15 @@ def test_cache_returns_identical_statistics(model, tok, tmp_path):
     # Anything the value depends on changes the key.
     other_budget = layer_stats(model, tok, 2, **{**kw, "tokens": 200})
     assert other_budget.key != first.key and not other_budget.from_cache
-    other_corpus = layer_stats(model, tok, 2, **{**kw, "corpus": Corpus.from_texts(TEXTS[:2] * 8, name="tiny")})
+    other_corpus = layer_stats(
+        model, tok, 2, **{**kw, "corpus": Corpus.from_texts(TEXTS[:2] * 8, name="tiny")}
+    )
     assert other_corpus.key != first.key
 
 
-def test_several_layers_in_one_pass_are_each_layers_statistics_cached_per_layer(model, tok, tmp_path):
+def test_several_layers_in_one_pass_are_each_layers_statistics_cached_per_layer(
+    model, tok, tmp_path
+):
     corpus = Corpus.from_texts(TEXTS, name="tiny")
     kw = dict(corpus=corpus, tokens=300, seq_len=64, progress=False)
     # One layer cached first: the pass computes only the missing ones and reads that one.
@@ -91,6 +99,8 @@ def test_cache_key_follows_the_weights_that_feed_the_layer(model, tok, tmp_path,
 def test_stats_on_tiny_architectures(tiny_model, tok):
     corpus = Corpus.from_texts(TEXTS, name="tiny")
     arch = describe(tiny_model)
-    mom2, _, count = compute_second_moment(tiny_model, tok, 1, corpus=corpus, tokens=128, seq_len=32, progress=False)
+    mom2, _, count = compute_second_moment(
+        tiny_model, tok, 1, corpus=corpus, tokens=128, seq_len=32, progress=False
+    )
     assert mom2.shape == (arch.mlp_size, arch.mlp_size) and count > 0
     assert torch.isfinite(mom2).all()

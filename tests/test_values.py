@@ -38,7 +38,10 @@ def test_rows_align_the_subject_and_mark_targets(tok, setup):
     for i in range(n_rows):
         # The token at the split column is the subject's last token in every row.
         subject = REQUESTS[int(b.request[i])].subject
-        assert tok.decode(b.input_ids[i, b.split]).strip() == tok.decode(tok(" " + subject)["input_ids"][-1:]).strip()
+        assert (
+            tok.decode(b.input_ids[i, b.split]).strip()
+            == tok.decode(tok(" " + subject)["input_ids"][-1:]).strip()
+        )
     # The NLL terms of each request predict its target's tokens, in order.
     target = tok(" Microsoft", add_special_tokens=False)["input_ids"]
     rows0 = b.nll_row[b.request[b.nll_row] == 0]
@@ -60,7 +63,9 @@ def test_repeat_rows_carry_the_whole_target_and_keep_the_nll_terms(tok, setup):
     assert rep.rep_row.numel() == 2 * len(templates)
     assert not rep.is_kl[rep.rep_row].any()
     for row, pos in zip(rep.rep_row.tolist(), rep.rep_pos.tolist(), strict=True):
-        target = tok(REQUESTS[int(rep.request[row])].target_text, add_special_tokens=False)["input_ids"]
+        target = tok(REQUESTS[int(rep.request[row])].target_text, add_special_tokens=False)[
+            "input_ids"
+        ]
         # The column predicting what follows the target holds the target's last token, right
         # after the column of the last NLL term (which predicts that token).
         assert int(rep.input_ids[row, pos]) == target[-1]
@@ -76,14 +81,20 @@ def test_repeat_factor_keeps_the_target_from_following_itself(model, tok, setup,
     arch, hp, templates = setup
     req = [EditRequest("The occupation of {} is", "Mary Renault", "actor")]
     # A negligible weight measures the probability without steering δ.
-    (ref,) = optimize_values(model, tok, req, arch, hp.layer, templates, ValueConfig.from_hparams(hp, repeat_factor=1e-6))
-    (pen,) = optimize_values(model, tok, req, arch, hp.layer, templates, ValueConfig.from_hparams(hp, repeat_factor=20.0))
+    (ref,) = optimize_values(
+        model, tok, req, arch, hp.layer, templates, ValueConfig.from_hparams(hp, repeat_factor=1e-6)
+    )
+    (pen,) = optimize_values(
+        model, tok, req, arch, hp.layer, templates, ValueConfig.from_hparams(hp, repeat_factor=20.0)
+    )
     assert ref.repeat_prob is not None and pen.repeat_prob is not None
     assert ref.repeat_prob > 0.05, ref.repeat_prob
     assert pen.repeat_prob < 0.2 * ref.repeat_prob, (pen.repeat_prob, ref.repeat_prob)
     assert ref.done and pen.done and pen.nll < hp.early_stop_loss
     assert pen.info()["v_repeat_prob"] == pen.repeat_prob
-    (off,) = optimize_values(model, tok, req, arch, hp.layer, templates, ValueConfig.from_hparams(hp, steps=2))
+    (off,) = optimize_values(
+        model, tok, req, arch, hp.layer, templates, ValueConfig.from_hparams(hp, steps=2)
+    )
     assert off.repeat_prob is None and "v_repeat_prob" not in off.info()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in pristine_state.items())
 
@@ -97,7 +108,9 @@ def test_batched_equals_one_at_a_time(model, tok, setup, pristine_state):
     for req, b in zip(REQUESTS, batched, strict=True):
         (single,) = optimize_values(model, tok, [req], arch, hp.layer, templates, cfg)
         assert single.steps == b.steps
-        assert torch.allclose(single.delta, b.delta, rtol=1e-3, atol=1e-3 * single.delta.norm().item())
+        assert torch.allclose(
+            single.delta, b.delta, rtol=1e-3, atol=1e-3 * single.delta.norm().item()
+        )
         assert single.nll == pytest.approx(b.nll, rel=1e-3, abs=1e-4)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in pristine_state.items())
 
@@ -106,13 +119,23 @@ def test_prefix_cache_gives_the_same_values(model, tok, setup):
     arch, hp, templates = setup
     cfg = ValueConfig.from_hparams(hp, steps=4, dtype=None)
     (cached,) = optimize_values(model, tok, REQUESTS[:1], arch, hp.layer, templates, cfg)
-    (full,) = optimize_values(model, tok, REQUESTS[:1], arch, hp.layer, templates, cfg.__class__(**{**cfg.__dict__, "prefix_cache": False}))
+    (full,) = optimize_values(
+        model,
+        tok,
+        REQUESTS[:1],
+        arch,
+        hp.layer,
+        templates,
+        cfg.__class__(**{**cfg.__dict__, "prefix_cache": False}),
+    )
     assert cached.steps == full.steps
     assert torch.allclose(cached.delta, full.delta, rtol=1e-4, atol=1e-4 * full.delta.norm().item())
     assert cached.delta.norm() > 0
 
 
-def test_bfloat16_values_run_on_a_weight_copy_and_agree_with_float32(model, tok, setup, pristine_state):
+def test_bfloat16_values_run_on_a_weight_copy_and_agree_with_float32(
+    model, tok, setup, pristine_state
+):
     """value_dtype="bfloat16" runs the network on a bfloat16 copy of the weights: the float32
     weights come back bit-for-bit (the same tensors), and the optimised shift is the float32
     one up to bfloat16 rounding."""
@@ -120,8 +143,18 @@ def test_bfloat16_values_run_on_a_weight_copy_and_agree_with_float32(model, tok,
     tensors = {n: p.data_ptr() for n, p in model.named_parameters()}
     cfg = ValueConfig.from_hparams(hp, steps=6, dtype=None)
     (fp32,) = optimize_values(model, tok, REQUESTS[:1], arch, hp.layer, templates, cfg)
-    (bf16,) = optimize_values(model, tok, REQUESTS[:1], arch, hp.layer, templates, ValueConfig.from_hparams(hp, steps=6, dtype="bfloat16"))
-    assert all(p.data_ptr() == tensors[n] and p.dtype == torch.float32 for n, p in model.named_parameters())
+    (bf16,) = optimize_values(
+        model,
+        tok,
+        REQUESTS[:1],
+        arch,
+        hp.layer,
+        templates,
+        ValueConfig.from_hparams(hp, steps=6, dtype="bfloat16"),
+    )
+    assert all(
+        p.data_ptr() == tensors[n] and p.dtype == torch.float32 for n, p in model.named_parameters()
+    )
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in pristine_state.items())
     assert bf16.delta.dtype == torch.float32 and bf16.steps == fp32.steps
     cos = torch.nn.functional.cosine_similarity(bf16.delta, fp32.delta, dim=0)
@@ -170,7 +203,10 @@ def test_efficacy_retries_continue_the_optimisation(model, tok, unchanged_after)
     with warnings.catch_warnings():
         warnings.simplefilter("error", EditEfficacyWarning)
         result = edit(
-            model, tok, req, hparams={"v_num_grad_steps": 2, "v_lr": 0.2, "efficacy_retries": 8},
+            model,
+            tok,
+            req,
+            hparams={"v_num_grad_steps": 2, "v_lr": 0.2, "efficacy_retries": 8},
             context=EditContext(progress=False),
         )
     d = result.diagnostics[0]
@@ -191,11 +227,23 @@ def test_a_weak_win_is_retried_until_the_new_target_reaches_the_floor(model, tok
     req = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
            "target_new": "Rome", "target_true": "Paris"}  # fmt: skip
     hp = {"v_num_grad_steps": 3, "v_lr": 0.3, "efficacy_retries": 8}
-    weak = edit(model, tok, req, hparams={**hp, "efficacy_min_prob": 0.0}, context=EditContext(progress=False))
+    weak = edit(
+        model,
+        tok,
+        req,
+        hparams={**hp, "efficacy_min_prob": 0.0},
+        context=EditContext(progress=False),
+    )
     d0 = weak.diagnostics[0]
     weak.restore()
     floor = min(0.9, d0["p_new"] + 0.3)
-    strong = edit(model, tok, req, hparams={**hp, "efficacy_min_prob": floor}, context=EditContext(progress=False))
+    strong = edit(
+        model,
+        tok,
+        req,
+        hparams={**hp, "efficacy_min_prob": floor},
+        context=EditContext(progress=False),
+    )
     d1 = strong.diagnostics[0]
     assert d1["holds"] is True and d1["p_new"] >= floor > d0["p_new"]
     assert d1["efficacy_retries"] > d0["efficacy_retries"]

@@ -42,7 +42,9 @@ def test_page_is_served_locally_with_no_outside_resources(server):
         assert s == 200 and len(body) > 500
         page += body.decode()
     # No CDN, web font, analytics or any absolute URL: everything comes from this server.
-    assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", page, re.I), "outside URL on the page"
+    assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", page, re.I), (
+        "outside URL on the page"
+    )
     assert "@import" not in page and "@font-face" not in page
     assert call(url + "/static/../pyproject.toml")[0] == 404
     status, info, _ = call(url + "/api/info")
@@ -73,7 +75,10 @@ def test_bad_edit_is_refused_with_a_message(server, model, pristine_state, body,
 def test_untrained_learned_editor_shows_its_message(server, model, pristine_state):
     """MEND needs a trained editor: without one the page gets its message, the model is unchanged."""
     url, state = server
-    status, payload, _ = call(url + "/api/edit", {**SEED, "method": "mend", "test_prompts": ["Steve Jobs worked for"], "max_new_tokens": 2})
+    status, payload, _ = call(
+        url + "/api/edit",
+        {**SEED, "method": "mend", "test_prompts": ["Steve Jobs worked for"], "max_new_tokens": 2},
+    )
     if status == 400:
         assert payload["error"]
     else:
@@ -88,7 +93,9 @@ def test_untrained_learned_editor_shows_its_message(server, model, pristine_stat
 
 def test_malformed_bodies_get_messages(server):
     url, _ = server
-    status, payload, _ = call(url + "/api/edit", raw=b"{not json", headers={"Content-Type": "application/json"})
+    status, payload, _ = call(
+        url + "/api/edit", raw=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert status == 400 and "not valid JSON" in payload["error"]
     status, payload, _ = call(url + "/api/edit", [1, 2])
     assert status == 400 and "JSON object" in payload["error"]
@@ -142,7 +149,9 @@ def test_other_sites_cannot_drive_the_model(server, model, pristine_state):
     url, state = server
     status, payload, _ = call(url + "/api/edit", SEED, headers={"Origin": "http://evil.example"})
     assert status == 403 and "not accepted" in payload["error"]
-    status, payload, _ = call(url + "/api/revert-all", {}, headers={"Origin": "http://evil.example"})
+    status, payload, _ = call(
+        url + "/api/revert-all", {}, headers={"Origin": "http://evil.example"}
+    )
     assert status == 403
     status, payload, _ = call(url + "/api/info", headers={"Host": "evil.example"})
     assert status == 403 and "only to 127.0.0.1" in payload["error"]
@@ -166,8 +175,13 @@ def test_logit_lens_table(server, model, tok):
     assert last["probs"] == pytest.approx(top.values.tolist(), abs=1e-5)
     status, r, _ = call(url + "/api/lens", {"prompt": ""})
     assert status == 400 and "prompt is empty" in r["error"]
-    status, r, _ = call(url + "/api/generate", {"prompts": ["The Eiffel Tower is located in the city of"], "max_new_tokens": 3})
-    assert status == 200 and r["generations"][0].startswith("The Eiffel Tower is located in the city of ")
+    status, r, _ = call(
+        url + "/api/generate",
+        {"prompts": ["The Eiffel Tower is located in the city of"], "max_new_tokens": 3},
+    )
+    assert status == 200 and r["generations"][0].startswith(
+        "The Eiffel Tower is located in the city of "
+    )
     continuation = r["generations"][0].split(" of ", 1)[1]  # greedy: the lens' top token first
     assert continuation.startswith(tok.decode([top.indices[0].item()]).strip())
     status, r, _ = call(url + "/api/generate", {"prompts": []})
@@ -176,7 +190,9 @@ def test_logit_lens_table(server, model, tok):
 
 def test_trace_job_reports_progress_and_draws_three_heatmaps(server):
     url, _ = server
-    status, r, _ = call(url + "/api/trace", {"prompt": "The Space Needle is located in", "subject": "The Moon"})
+    status, r, _ = call(
+        url + "/api/trace", {"prompt": "The Space Needle is located in", "subject": "The Moon"}
+    )
     assert status == 400 and "does not occur in the prompt" in r["error"]
     body = {"prompt": "Paris is the capital of", "subject": "Paris", "samples": 2}
     status, r, _ = call(url + "/api/trace", body)
@@ -231,7 +247,9 @@ def test_two_clients_editing_at_once_leave_the_model_consistent(server, model, t
     def reader() -> None:
         barrier.wait()
         while not stop.is_set():
-            status, r, _ = call(url + "/api/lens", {"prompt": "Steve Jobs was the founder of", "top_k": 3})
+            status, r, _ = call(
+                url + "/api/lens", {"prompt": "Steve Jobs was the founder of", "top_k": 3}
+            )
             assert status == 200
             reads.append((tuple(r["rows"][-1]["tokens"]), tuple(r["rows"][-1]["probs"])))
 
@@ -252,7 +270,10 @@ def test_two_clients_editing_at_once_leave_the_model_consistent(server, model, t
 
     # Exactly two edits in place, applied one after the other on top of each other.
     entries = list(state._edits)
-    assert len(entries) == 2 and {e.requests[0].target_new for e in entries} == {"Microsoft", "Rome"}
+    assert len(entries) == 2 and {e.requests[0].target_new for e in entries} == {
+        "Microsoft",
+        "Rome",
+    }
     first, second = (e.handle for e in entries)
     assert torch.equal(first.original[name], pristine_state[name])
     expected = pristine_state[name].clone()
@@ -304,7 +325,9 @@ def test_serve_command_serves_the_page_until_interrupted():
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "factedit", "serve", "--port", "0", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+    )
     try:
         url = None
         deadline = time.monotonic() + 240

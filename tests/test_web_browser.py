@@ -89,17 +89,23 @@ def fill(driver, element_id: str, text: str) -> None:
 
 def open_page(driver, url: str) -> None:
     driver.get(url + "/")
-    wait_for(driver, lambda d: d.execute_script("return document.body.dataset.ready"), 20, "the page")
+    wait_for(
+        driver, lambda d: d.execute_script("return document.body.dataset.ready"), 20, "the page"
+    )
 
 
-def test_seed_edit_in_the_browser_then_revert(driver_factory, page, model, pristine_state, tmp_path):
+def test_seed_edit_in_the_browser_then_revert(
+    driver_factory, page, model, pristine_state, tmp_path
+):
     from selenium.webdriver.common.by import By
 
     url, state = page
     driver = driver_factory()
     open_page(driver, url)
     assert driver.title == "factedit"
-    methods = [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#method option")]
+    methods = [
+        o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#method option")
+    ]
     assert "rome" in methods and "ft-l" in methods
     # Nothing outside this server was requested by the page.
     urls = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
@@ -114,8 +120,12 @@ def test_seed_edit_in_the_browser_then_revert(driver_factory, page, model, prist
     driver.find_element(By.ID, "edit-submit").click()
     wait_for(driver, lambda d: d.find_element(By.ID, "edit-progress").is_displayed()
              or d.execute_script("return document.body.dataset.editState") != "running", 10, "the progress indicator")  # fmt: skip
-    wait_for(driver, lambda d: d.execute_script("return document.body.dataset.editState") in ("done", "error"),
-             1200, "the edit's result")  # fmt: skip  (generous: a busy machine is slow)
+    wait_for(
+        driver,
+        lambda d: d.execute_script("return document.body.dataset.editState") in ("done", "error"),
+        1200,
+        "the edit's result",
+    )  # fmt: skip  (generous: a busy machine is slow)
     assert driver.execute_script("return document.body.dataset.editState") == "done", (
         driver.find_element(By.ID, "edit-message").text
     )
@@ -131,7 +141,9 @@ def test_seed_edit_in_the_browser_then_revert(driver_factory, page, model, prist
 
     name = describe(model).mlp_out_weight_name(4)
     assert not torch.equal(get_parameter(model, name), pristine_state[name])
-    items = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#edits-list li"), 10, "the edit list")
+    items = wait_for(
+        driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#edits-list li"), 10, "the edit list"
+    )
     assert len(items) == 1 and "Microsoft" in items[0].text
 
     # The screenshot the README shows (refreshed with FACTEDIT_SCREENSHOT_DIR=docs/img).
@@ -144,7 +156,12 @@ def test_seed_edit_in_the_browser_then_revert(driver_factory, page, model, prist
         shutil.copyfile(tmp_path / SCREENSHOT, dest / SCREENSHOT)
 
     items[0].find_element(By.CSS_SELECTOR, "button.revert").click()
-    wait_for(driver, lambda d: d.execute_script("return document.body.dataset.edits") == "0", 30, "the revert")
+    wait_for(
+        driver,
+        lambda d: d.execute_script("return document.body.dataset.edits") == "0",
+        30,
+        "the revert",
+    )
     assert "reverted" in driver.find_element(By.ID, "edits-message").text
     assert state.edits() == []
     assert_weights_equal(model, pristine_state)  # bit-for-bit, every tensor
@@ -170,7 +187,12 @@ def test_bad_request_shows_a_message(driver_factory, page, model, pristine_state
         fill(driver, "target", target)
         t0 = time.monotonic()
         driver.find_element(By.ID, "edit-submit").click()
-        wait_for(driver, lambda d, e=expected: message.is_displayed() and e in message.text, 20, f"message {expected!r}")
+        wait_for(
+            driver,
+            lambda d, e=expected: message.is_displayed() and e in message.text,
+            20,
+            f"message {expected!r}",
+        )
         assert time.monotonic() - t0 < 20
         assert driver.execute_script("return document.body.dataset.editState") == "error"
         assert not driver.find_element(By.ID, "edit-result").is_displayed()
@@ -183,7 +205,9 @@ def test_bad_request_shows_a_message(driver_factory, page, model, pristine_state
     assert "does not occur in the prompt" in trace_msg.text
     # A saved edit of another base model, uploaded: refused with the reason.
     tiny = make_tiny_model("llama")
-    path = synthetic_edit(tiny, [rank_one(tiny, 0, seed=1)]).save(tmp_path / "tiny-llama.safetensors")
+    path = synthetic_edit(tiny, [rank_one(tiny, 0, seed=1)]).save(
+        tmp_path / "tiny-llama.safetensors"
+    )
     driver.find_element(By.ID, "upload-file").send_keys(str(path))
     driver.find_element(By.ID, "upload-submit").click()
     edits_msg = driver.find_element(By.ID, "edits-message")

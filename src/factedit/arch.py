@@ -120,7 +120,9 @@ class ModelArch:
 
     def _check(self, i: int) -> int:
         if not -self.n_layers <= i < self.n_layers:
-            raise IndexError(f"layer {i} out of range: this model has layers 0..{self.n_layers - 1}")
+            raise IndexError(
+                f"layer {i} out of range: this model has layers 0..{self.n_layers - 1}"
+            )
         return i % self.n_layers
 
     def _join(self, i: int, rel: str) -> str:
@@ -164,10 +166,14 @@ class ModelArch:
             raise ValueError(f"mapping lacks {missing}")
         unknown = sorted(set(mapping) - {*required, "mlp", "attn"})
         if unknown:
-            raise ValueError(f"mapping has unknown key(s) {unknown}; known: {sorted(required)} + mlp, attn")
+            raise ValueError(
+                f"mapping has unknown key(s) {unknown}; known: {sorted(required)} + mlp, attn"
+            )
         layers = get_module(model, mapping["layers"])
         if not isinstance(layers, nn.ModuleList):
-            raise ValueError(f"{mapping['layers']!r} is a {type(layers).__name__}, not a ModuleList")
+            raise ValueError(
+                f"{mapping['layers']!r} is a {type(layers).__name__}, not a ModuleList"
+            )
         proj = get_module(layers[0], mapping["mlp_out"])
         shape = _linear_shape(proj)
         if shape is None:

@@ -16,7 +16,9 @@ from .hooks import named_parameter_values
 def json_digest(obj: Any, length: int = 24) -> str:
     """The first ``length`` hex characters of the sha256 of ``obj`` as canonical JSON (sorted
     keys; a value JSON cannot hold enters as its ``str``): the cache keys built from settings."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[
+        :length
+    ]
 
 
 def tensor_digest(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
@@ -39,7 +41,9 @@ def params_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def module_params_fingerprint(model: nn.Module, prefixes: Iterable[str], exclude: Iterable[str] = ()) -> str:
+def module_params_fingerprint(
+    model: nn.Module, prefixes: Iterable[str], exclude: Iterable[str] = ()
+) -> str:
     """Fingerprint of every parameter whose name starts with one of ``prefixes`` (the prefix
     ``""`` selects all), minus ``exclude``.
 
@@ -51,7 +55,8 @@ def module_params_fingerprint(model: nn.Module, prefixes: Iterable[str], exclude
     chosen = [
         (n, p)
         for n, p in named_parameter_values(model)
-        if n not in skip and any(pre == "" or n == pre or n.startswith(pre + ".") for pre in prefixes)
+        if n not in skip
+        and any(pre == "" or n == pre or n.startswith(pre + ".") for pre in prefixes)
     ]
     return params_fingerprint(chosen)
 

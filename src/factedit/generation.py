@@ -36,7 +36,9 @@ def generate(
     batch = [prompts] if single else list(prompts)
     if not batch:
         return []
-    new = _generate_ids(model, tok, batch, max_new_tokens, top_k, seed, temperature, stop_at_eos=True)
+    new = _generate_ids(
+        model, tok, batch, max_new_tokens, top_k, seed, temperature, stop_at_eos=True
+    )
     return [p + tok.decode(n, skip_special_tokens=True) for p, n in zip(batch, new, strict=True)]
 
 
@@ -72,11 +74,15 @@ def generate_full_length(
     batch = list(prompts)
     if not batch:
         return FullLengthGenerations([], [])
-    new = _generate_ids(model, tok, batch, max_new_tokens, top_k, seed, temperature, stop_at_eos=False)
+    new = _generate_ids(
+        model, tok, batch, max_new_tokens, top_k, seed, temperature, stop_at_eos=False
+    )
     return _full_length_texts(tok, batch, new.tolist(), set(end_token_ids(model, tok)))
 
 
-def _full_length_texts(tok, prompts: Sequence[str], new: list[list[int]], ends: set[int]) -> FullLengthGenerations:
+def _full_length_texts(
+    tok, prompts: Sequence[str], new: list[list[int]], ends: set[int]
+) -> FullLengthGenerations:
     """Each prompt with its new tokens, whole and cut after the first end token."""
     texts, ended = [], []
     for p, ids in zip(prompts, new, strict=True):
@@ -114,7 +120,9 @@ class _GroupSampler:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self._generators is None:
             # On the device the logits come out on (the last one of a model split over several).
-            self._generators = [torch.Generator(device=scores.device).manual_seed(s) for _, _, s in self.groups]
+            self._generators = [
+                torch.Generator(device=scores.device).manual_seed(s) for _, _, s in self.groups
+            ]
         if self.temperature != 1.0:
             scores = scores / self.temperature
         k = min(self.top_k, scores.shape[-1])
@@ -190,7 +198,11 @@ def _generate_group_chunk(
         n = len(g.prompts)
         # Sampling is causal, so the first max_new_tokens of a longer run are the samples a
         # run of exactly max_new_tokens draws.
-        out.append(_full_length_texts(tok, g.prompts, [r[: g.max_new_tokens] for r in new[row : row + n]], ends))
+        out.append(
+            _full_length_texts(
+                tok, g.prompts, [r[: g.max_new_tokens] for r in new[row : row + n]], ends
+            )
+        )
         row += n
     return out
 

@@ -309,7 +309,9 @@ def as_batch_seq(t: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
         return t
     if t.dim() == 2 and t.shape[0] == batch * seq:
         return t.view(batch, seq, t.shape[-1])
-    raise ValueError(f"cannot view an activation of shape {tuple(t.shape)} as ({batch}, {seq}, width)")
+    raise ValueError(
+        f"cannot view an activation of shape {tuple(t.shape)} as ({batch}, {seq}, width)"
+    )
 
 
 def parameters_castable(model: nn.Module) -> bool:

@@ -128,7 +128,11 @@ def _strip_quantization(model: nn.Module) -> None:
     # quantised, which blocks save_pretrained.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    for attr, value in (("hf_quantizer", None), ("is_quantized", False), ("quantization_method", None)):
+    for attr, value in (
+        ("hf_quantizer", None),
+        ("is_quantized", False),
+        ("quantization_method", None),
+    ):
         if hasattr(model, attr):
             setattr(model, attr, value)
 
@@ -143,7 +147,9 @@ def _dequantised_dir(gguf: Path) -> Path:
 
     log.info("de-quantising %s once into %s", gguf, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     _strip_quantization(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
@@ -161,7 +167,8 @@ def _dequantised_dir(gguf: Path) -> Path:
 def _looks_like_path(name: str) -> bool:
     return (
         name.startswith((".", "/", "~"))
-        or os.sep in name.strip("/") and name.count("/") != 1
+        or os.sep in name.strip("/")
+        and name.count("/") != 1
         or name.endswith((".gguf", ".safetensors", ".bin"))
     )
 
@@ -176,7 +183,9 @@ def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, P
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is a folder but has no config.json: not a model folder")
+            raise FileNotFoundError(
+                f"{path} is a folder but has no config.json: not a model folder"
+            )
         return "folder", path
     if path.is_file():
         if path.suffix == ".gguf":
@@ -231,7 +240,11 @@ def load_model(
     placement: dict[str, Any] = {}
     if device_map is not None:
         placement = {"device_map": _check_device_map(device_map)}
-        folder = Path(offload_folder) if offload_folder is not None else cache_dir() / "offload" / f"{os.getpid()}"
+        folder = (
+            Path(offload_folder)
+            if offload_folder is not None
+            else cache_dir() / "offload" / f"{os.getpid()}"
+        )
         placement["offload_folder"] = str(folder)
     kind, source = resolve_model_source(name_or_path)
     if kind == "gguf":
@@ -252,14 +265,20 @@ def _check_device_map(device_map: str | dict[str, Any]) -> str | dict[str, Any]:
     if isinstance(device_map, str):
         allowed = ("auto", "balanced", "balanced_low_0", "sequential")
         if device_map not in allowed:
-            raise ValueError(f"device_map must be one of {allowed} or a dict of module -> device, got {device_map!r}")
+            raise ValueError(
+                f"device_map must be one of {allowed} or a dict of module -> device, got {device_map!r}"
+            )
         return device_map
     if not isinstance(device_map, dict) or not device_map:
-        raise ValueError(f"device_map must be a non-empty dict of module name -> device, got {device_map!r}")
+        raise ValueError(
+            f"device_map must be a non-empty dict of module name -> device, got {device_map!r}"
+        )
     return device_map
 
 
-def _auto_model_from_folder(folder: Path, dtype: torch.dtype, placement: dict[str, Any] | None = None) -> nn.Module:
+def _auto_model_from_folder(
+    folder: Path, dtype: torch.dtype, placement: dict[str, Any] | None = None
+) -> nn.Module:
     """``AutoModelForCausalLM`` on a local folder; a non-causal-LM config is a clear error."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -280,7 +299,9 @@ def _auto_model_from_folder(folder: Path, dtype: torch.dtype, placement: dict[st
         ) from None
 
 
-def _load_from_hub(repo_id: str, dtype: torch.dtype, placement: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
+def _load_from_hub(
+    repo_id: str, dtype: torch.dtype, placement: dict[str, Any] | None = None
+) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # The local hub cache first: works offline and avoids network round trips.

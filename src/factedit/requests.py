@@ -49,7 +49,9 @@ class EditRequest:
                 f"found {n} in {self.prompt!r}{hint}"
             )
         if not isinstance(self.target_new, str) or not self.target_new.strip():
-            raise InvalidRequestError(f"target_new is empty in request for subject {self.subject!r}")
+            raise InvalidRequestError(
+                f"target_new is empty in request for subject {self.subject!r}"
+            )
         if self.target_true is not None and not self.target_true.strip():
             raise InvalidRequestError("target_true is empty (leave it out instead)")
 
@@ -117,7 +119,9 @@ class EditRequest:
         if isinstance(obj, EditRequest):
             return obj
         if not isinstance(obj, Mapping):
-            raise InvalidRequestError(f"a request must be a dict or EditRequest, got {type(obj).__name__}")
+            raise InvalidRequestError(
+                f"a request must be a dict or EditRequest, got {type(obj).__name__}"
+            )
         if "requested_rewrite" in obj:
             rr = dict(obj["requested_rewrite"])
             rr.setdefault("case_id", obj.get("case_id"))
@@ -128,10 +132,17 @@ class EditRequest:
         prompt, subject = obj["prompt"], obj["subject"]
         kw = dict(
             target_new=_target_str(obj["target_new"], "target_new"),
-            target_true=_target_str(obj["target_true"], "target_true") if obj.get("target_true") else None,
+            target_true=_target_str(obj["target_true"], "target_true")
+            if obj.get("target_true")
+            else None,
             case_id=obj.get("case_id"),
         )
-        if isinstance(prompt, str) and "{}" not in prompt and isinstance(subject, str) and subject in prompt:
+        if (
+            isinstance(prompt, str)
+            and "{}" not in prompt
+            and isinstance(subject, str)
+            and subject in prompt
+        ):
             return cls.from_filled(prompt, subject, **kw)
         return cls(prompt, subject, **kw)
 
@@ -143,7 +154,9 @@ def _spaced(text: str) -> str:
 def _target_str(value: Any, name: str) -> str:
     if isinstance(value, Mapping):
         if "str" not in value:
-            raise InvalidRequestError(f"{name} must be a string or {{'str': ...}}, got {dict(value)!r}")
+            raise InvalidRequestError(
+                f"{name} must be a string or {{'str': ...}}, got {dict(value)!r}"
+            )
         value = value["str"]
     if not isinstance(value, str):
         raise InvalidRequestError(f"{name} must be a string, got {type(value).__name__}")
@@ -215,7 +228,9 @@ def parse_requests_text(text: str, source: str = "<text>") -> list[EditRequest]:
             out.append(EditRequest.from_any(rec))
         except InvalidRequestError as exc:
             at = f"request {i}" + (f" ({where})" if where else "")
-            raise InvalidRequestError(f"{source}: {at} is invalid: {exc}; nothing was edited") from None
+            raise InvalidRequestError(
+                f"{source}: {at} is invalid: {exc}; nothing was edited"
+            ) from None
     check_conflicts(out)
     return out
 

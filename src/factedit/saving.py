@@ -612,7 +612,9 @@ def combine_edits(edits: Sequence[Any]) -> SavedEdit:
         steps.extend(dict(step) for step in saved.steps)
         requests.extend(saved.requests)
         methods.append(saved.method)
-        parts.append({"method": saved.method, "hparams": _jsonable(hparams), "steps": len(saved.steps)})
+        parts.append(
+            {"method": saved.method, "hparams": _jsonable(hparams), "steps": len(saved.steps)}
+        )
     total = hashlib.sha256()
     for name in sorted(first_seen):
         total.update(f"{name}:{first_seen[name]['sha256']};".encode())

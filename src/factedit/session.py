@@ -73,7 +73,15 @@ class EditSession:
         check_conflicts(reqs)
         mark = self._alpha_batches()
         try:
-            result = edit(self.model, self.tok, reqs, self.method, self.hparams, arch=self.arch, context=self.context)
+            result = edit(
+                self.model,
+                self.tok,
+                reqs,
+                self.method,
+                self.hparams,
+                arch=self.arch,
+                context=self.context,
+            )
         except BaseException:
             self._truncate_alpha(mark)
             raise
@@ -98,7 +106,12 @@ class EditSession:
     def summary(self) -> list[dict[str, Any]]:
         """One entry per batch: number of requests, seconds, the parameters touched."""
         return [
-            {"batch": i, "requests": len(r.requests), "seconds": r.timings.get("total"), "params": sorted(r.original)}
+            {
+                "batch": i,
+                "requests": len(r.requests),
+                "seconds": r.timings.get("total"),
+                "params": sorted(r.original),
+            }
             for i, r in enumerate(self._results)
         ]
 

@@ -62,7 +62,9 @@ def stats_inputs_fingerprint(model: nn.Module, arch: ModelArch, layer: int) -> s
     return module_params_fingerprint(model, prefixes, exclude)
 
 
-def stats_key(model: nn.Module, arch: ModelArch, layer: int, corpus: Corpus, tokens: int, seq_len: int) -> str:
+def stats_key(
+    model: nn.Module, arch: ModelArch, layer: int, corpus: Corpus, tokens: int, seq_len: int
+) -> str:
     parts = {
         "version": STATS_VERSION,
         "weights": stats_inputs_fingerprint(model, arch, layer),
@@ -120,7 +122,9 @@ def _process_group() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce_sums(acc: torch.Tensor, total: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _all_reduce_sums(
+    acc: torch.Tensor, total: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The reduction step: sum every rank's partial sums (float64) and token counts."""
     import torch.distributed as dist
 
@@ -174,7 +178,9 @@ def compute_second_moment(
     acc = torch.zeros(d, d, dtype=torch.float64, device=acc_device)
     total = torch.zeros(d, dtype=torch.float64, device=acc_device)
     count = 0
-    bar = tqdm(total=int((rows >= 0).sum()), unit="tok", desc=f"stats layer {layer}", disable=not progress)
+    bar = tqdm(
+        total=int((rows >= 0).sum()), unit="tok", desc=f"stats layer {layer}", disable=not progress
+    )
     for s in range(0, rows.shape[0], batch_rows):
         batch = rows[s : s + batch_rows]
         mask = batch >= 0
@@ -185,7 +191,9 @@ def compute_second_moment(
         # Zeroing padded positions instead of selecting the valid ones avoids a device-to-host
         # synchronisation per batch; padded rows add zeros to the sums.
         weight = mask.reshape(-1, 1).to(acc_device, torch.float32, non_blocking=True)
-        kf = as_batch_seq(tr.input, *ids.shape).reshape(-1, d).to(acc_device, torch.float32) * weight
+        kf = (
+            as_batch_seq(tr.input, *ids.shape).reshape(-1, d).to(acc_device, torch.float32) * weight
+        )
         # Per-batch products in float32 are exact enough; the running sum is float64.
         acc += (kf.T @ kf).double()
         total += kf.sum(0).double()
@@ -260,10 +268,16 @@ def layer_stats(
         dist.broadcast_object_list(flag, src=0)
         cached = bool(flag[0]) and path.is_file()
         if rank != 0 and bool(flag[0]) and not cached:
-            raise FileNotFoundError(f"rank 0 has the statistics {path} in its cache but rank {rank} does not see it")
+            raise FileNotFoundError(
+                f"rank 0 has the statistics {path} in its cache but rank {rank} does not see it"
+            )
     if cached:
         data = load_file(path)
-        meta = json.loads((folder / f"{key}.json").read_text()) if (folder / f"{key}.json").is_file() else {}
+        meta = (
+            json.loads((folder / f"{key}.json").read_text())
+            if (folder / f"{key}.json").is_file()
+            else {}
+        )
         result = SecondMoment(
             data["mom2"].to(device), data["mean"].to(device), int(data["count"].item()), key,
             meta.get("seconds", 0.0), from_cache=True,
@@ -277,12 +291,22 @@ def layer_stats(
         progress=progress and rank == 0, distributed=distributed,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
-    log.info("layer %d statistics: %d tokens in %.1f s (%.0f tokens/s)", layer, count, seconds, count / seconds)
+    log.info(
+        "layer %d statistics: %d tokens in %.1f s (%.0f tokens/s)",
+        layer,
+        count,
+        seconds,
+        count / seconds,
+    )
     if use_cache and rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         save_file(
-            {"mom2": mom2.cpu().contiguous(), "mean": mean.cpu().contiguous(), "count": torch.tensor(count)},
+            {
+                "mom2": mom2.cpu().contiguous(),
+                "mean": mean.cpu().contiguous(),
+                "count": torch.tensor(count),
+            },
             str(tmp),
         )
         meta = {
@@ -338,13 +362,20 @@ def compute_second_moments(
     acc = {i: torch.zeros(d, d, dtype=torch.float64, device=device) for i in layers}
     total = {i: torch.zeros(d, dtype=torch.float64, device=device) for i in layers}
     count = 0
-    bar = tqdm(total=int((rows >= 0).sum()), unit="tok", desc=f"stats layers {layers}", disable=not progress)
+    bar = tqdm(
+        total=int((rows >= 0).sum()),
+        unit="tok",
+        desc=f"stats layers {layers}",
+        disable=not progress,
+    )
     for s in range(0, rows.shape[0], batch_rows):
         batch = rows[s : s + batch_rows]
         mask = batch >= 0
         ids = batch.clamp(min=0).to(device)
         # stop=True stops after the last traced module in execution order: the top layer.
-        with TraceDict(model, list(names.values()), retain_input=True, retain_output=False, stop=True) as td:
+        with TraceDict(
+            model, list(names.values()), retain_input=True, retain_output=False, stop=True
+        ) as td:
             model(input_ids=ids, attention_mask=mask.long().to(device), use_cache=False)
         n = 0
         for i, name in names.items():
@@ -409,7 +440,11 @@ def layers_stats(
             path = folder / f"{key}.safetensors"
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             save_file(
-                {"mom2": mom2.cpu().contiguous(), "mean": mean.cpu().contiguous(), "count": torch.tensor(count)},
+                {
+                    "mom2": mom2.cpu().contiguous(),
+                    "mean": mean.cpu().contiguous(),
+                    "count": torch.tensor(count),
+                },
                 str(tmp),
             )
             meta = {
@@ -420,5 +455,7 @@ def layers_stats(
             }  # fmt: skip
             (folder / f"{key}.json").write_text(json.dumps(meta, indent=2))
             os.replace(tmp, path)
-        out[i] = SecondMoment(mom2.to(device), mean.to(device), count, key, seconds, from_cache=False)
+        out[i] = SecondMoment(
+            mom2.to(device), mean.to(device), count, key, seconds, from_cache=False
+        )
     return out

@@ -344,7 +344,9 @@ class CausalTracer:
                     "trace it", self.answer, prompt, self.clean_prob,
                 )  # fmt: skip
             else:
-                log.info("tracing the model's top prediction %r (p=%.3f)", self.answer, self.clean_prob)
+                log.info(
+                    "tracing the model's top prediction %r (p=%.3f)", self.answer, self.clean_prob
+                )
 
         s, e = self.subject_range
         gen = torch.Generator().manual_seed(self.seed)

@@ -120,7 +120,9 @@ class ValueConfig:
 def cpu_has_bfloat16_units() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AMX tiles or AVX-512 BF16; on
     this project's Xeon 2.5x float32 for ROME-sized products). Elsewhere bfloat16 is emulated."""
-    probes = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    probes = [
+        getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    ]
     return any(bool(p()) for p in probes if p is not None)
 
 
@@ -296,7 +298,9 @@ def build_rows(
                 rep_row.append(i)
                 rep_pos.append(prompt_last + len(tid))
     new_first = [t[0] for t in targets]
-    old = [(-1 if (o is None or o == nf) else o) for o, nf in zip(old_first, new_first, strict=True)]
+    old = [
+        (-1 if (o is None or o == nf) else o) for o, nf in zip(old_first, new_first, strict=True)
+    ]
     return _Rows(
         ids_t, mask, split, torch.tensor(req), torch.tensor(is_kl), torch.tensor(last),
         torch.tensor(bare), torch.tensor(nll_row), torch.tensor(nll_pos), torch.tensor(nll_tok),
@@ -336,7 +340,9 @@ def _take_rows(value: Any, rows: torch.Tensor, n_rows: int) -> Any:
 
 
 @contextlib.contextmanager
-def replayed_blocks(model: nn.Module, arch: ModelArch, n_blocks: int, output: Any) -> Iterator[list[BlockReplay]]:
+def replayed_blocks(
+    model: nn.Module, arch: ModelArch, n_blocks: int, output: Any
+) -> Iterator[list[BlockReplay]]:
     """Replace blocks ``0..n_blocks-1`` by :class:`BlockReplay` stand-ins that return ``output``,
     the recorded output of block ``n_blocks - 1`` (the stand-ins ignore their inputs, so only the
     top one's output matters and the model computes only the blocks above); put the blocks back
@@ -385,7 +391,19 @@ def optimize_values(
         return []
     dtype = resolve_value_dtype(cfg.dtype, model) or model_dtype(model)
     with _precision(model, dtype) as autocast_dtype:
-        results = _optimize(model, tok, requests, arch, layer, templates, cfg, old_first, init, progress, autocast_dtype)
+        results = _optimize(
+            model,
+            tok,
+            requests,
+            arch,
+            layer,
+            templates,
+            cfg,
+            old_first,
+            init,
+            progress,
+            autocast_dtype,
+        )
     for r in results:
         r.dtype = str(dtype).removeprefix("torch.")
     return results
@@ -437,7 +455,9 @@ def _optimize(
     # differ when a device map spreads the model over devices).
     device = module_device(get_module(model, arch.mlp_name(layer)))
     out_device = module_device(get_module(model, arch.unembed))
-    b = build_rows(tok, requests, templates, cfg.kl_prompts, old_first, repeat=cfg.repeat_factor > 0)
+    b = build_rows(
+        tok, requests, templates, cfg.kl_prompts, old_first, repeat=cfg.repeat_factor > 0
+    )
     n_rows, n_req = b.input_ids.shape[0], len(requests)
 
     def autocast() -> Any:
@@ -455,7 +475,11 @@ def _optimize(
     new_first, old_first_t = b.new_first.to(device), b.old_first.to(device)
     nll_row, nll_pos = b.nll_row.to(device), (b.nll_pos - offset).to(device)
     nll_tok, nll_w = b.nll_tok.to(device), b.nll_w.to(device)
-    rep_row, rep_pos, rep_w = b.rep_row.to(device), (b.rep_pos - offset).to(device), b.rep_w.to(device)
+    rep_row, rep_pos, rep_w = (
+        b.rep_row.to(device),
+        (b.rep_pos - offset).to(device),
+        b.rep_w.to(device),
+    )
     first_pos_all = (b.first_pos - offset).to(device)
     last_pos_all = (b.last_pos - offset).to(device)
     subj_col = b.split - offset
@@ -476,7 +500,10 @@ def _optimize(
         else:
             kwargs["use_cache"] = False
         names = names_stop or [mlp_name, norm_name]
-        with autocast(), TraceDict(model, names, edit_output=edit, stop=True, detach=edit is None) as td:
+        with (
+            autocast(),
+            TraceDict(model, names, edit_output=edit, stop=True, detach=edit is None) as td,
+        ):
             model(**kwargs)
         return td
 
@@ -500,7 +527,13 @@ def _optimize(
         where = torch.full((n_rows,), -1, dtype=torch.long, device=device)
         where[rows_d] = torch.arange(len(rows), device=device)
         keep = where[nll_row] >= 0
-        state["nll"] = (where[nll_row[keep]], nll_pos[keep], nll_tok[keep], nll_w[keep], req_all[nll_row[keep]])
+        state["nll"] = (
+            where[nll_row[keep]],
+            nll_pos[keep],
+            nll_tok[keep],
+            nll_w[keep],
+            req_all[nll_row[keep]],
+        )
         keep = where[rep_row] >= 0
         state["rep"] = (where[rep_row[keep]], rep_pos[keep], rep_w[keep], req_all[rep_row[keep]])
         rw = ~kl_all[rows_d]
@@ -532,7 +565,9 @@ def _optimize(
 
     def logits_at(h: torch.Tensor, r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         at = h.device
-        return arch.logits_from_normed(model, h[r.to(at), p.to(at)].to(out_device)).float().to(device)
+        return (
+            arch.logits_from_normed(model, h[r.to(at), p.to(at)].to(out_device)).float().to(device)
+        )
 
     def per_request(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return torch.zeros(n_req, device=device).index_add(0, index, values)
@@ -544,7 +579,11 @@ def _optimize(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, desc=f"value optimisation ({n_req} request{'s' * (n_req > 1)})", leave=False)
+        bar = tqdm(
+            total=cfg.steps,
+            desc=f"value optimisation ({n_req} request{'s' * (n_req > 1)})",
+            leave=False,
+        )
     with replayed_blocks(model, arch, n_replayed, replay) as stand_ins, frozen_parameters(model):
         state["replays"] = stand_ins
         select(torch.arange(n_rows))
@@ -554,7 +593,9 @@ def _optimize(
             """The KL reference distribution (and the requests it belongs to) from a pass of
             the unshifted model whose v₀ was captured."""
             with torch.no_grad():
-                ref = torch.log_softmax(logits_at(h0.detach(), state["kl_local"], state["kl_pos"]), dim=-1)
+                ref = torch.log_softmax(
+                    logits_at(h0.detach(), state["kl_local"], state["kl_pos"]), dim=-1
+                )
             return ref, state["kl_req"]
 
         # The KL reference and v₀ come from the unshifted model, even when δ starts elsewhere.
@@ -586,32 +627,48 @@ def _optimize(
             lp = torch.log_softmax(logits_at(h, r, p), dim=-1)
             nll = per_request(-lp[torch.arange(len(t), device=device), t] * w, rq)
             # Margin of the new target's first token over the old one's, worst prompt.
-            flp = torch.log_softmax(logits_at(h, state["rw_local"], state["rw_first"]), dim=-1).detach()
+            flp = torch.log_softmax(
+                logits_at(h, state["rw_local"], state["rw_first"]), dim=-1
+            ).detach()
             rw_req = state["rw_req"]
             ar = torch.arange(len(rw_req), device=device)
             old = old_first_t[rw_req]
-            gap = flp[ar, new_first[rw_req]] - torch.where(old >= 0, flp[ar, old.clamp(min=0)], torch.full_like(flp[ar, 0], -1e9))
-            worst = torch.full((n_req,), float("inf"), device=device).scatter_reduce(0, rw_req, gap, "amin")
+            gap = flp[ar, new_first[rw_req]] - torch.where(
+                old >= 0, flp[ar, old.clamp(min=0)], torch.full_like(flp[ar, 0], -1e9)
+            )
+            worst = torch.full((n_req,), float("inf"), device=device).scatter_reduce(
+                0, rw_req, gap, "amin"
+            )
             # KL against the unshifted model at each KL prompt's last token.
             kl_lp = torch.log_softmax(logits_at(h, state["kl_local"], state["kl_pos"]), dim=-1)
             ref = kl_ref_all[_positions_in(kl_ref_req, state["kl_req"])]
-            kl_terms = torch.nn.functional.kl_div(kl_lp, ref, log_target=True, reduction="none").sum(-1)
+            kl_terms = torch.nn.functional.kl_div(
+                kl_lp, ref, log_target=True, reduction="none"
+            ).sum(-1)
             kl = per_request(kl_terms / max(len(cfg.kl_prompts), 1), state["kl_req"])
             wd = cfg.weight_decay * torch.stack([d.norm() ** 2 for d in deltas]) / v0_norm2
             loss_terms = nll + cfg.kl_factor * kl + wd
             repeat_prob = None
             if cfg.repeat_factor > 0:
                 rr, rpos, rw, rrq = state["rep"]
-                p_again = torch.softmax(logits_at(h, rr, rpos), dim=-1)[torch.arange(len(rrq), device=device), new_first[rrq]]
+                p_again = torch.softmax(logits_at(h, rr, rpos), dim=-1)[
+                    torch.arange(len(rrq), device=device), new_first[rrq]
+                ]
                 # Unlikelihood: −log(1 − p) is ~p while the target rarely follows itself and
                 # grows without bound as δ makes it loop.
-                loss_terms = loss_terms + cfg.repeat_factor * per_request(-torch.log1p(-p_again.clamp(max=1 - 1e-6)) * rw, rrq)
+                loss_terms = loss_terms + cfg.repeat_factor * per_request(
+                    -torch.log1p(-p_again.clamp(max=1 - 1e-6)) * rw, rrq
+                )
                 repeat_prob = per_request(p_again.detach() * rw, rrq).cpu()
             nll_d, worst_c = nll.detach().cpu(), worst.cpu()
             for j in act_idx:
                 if torch.isnan(nll_first[j]):
                     nll_first[j] = nll_d[j]
-            margin_ok = worst_c > (cfg.margin or 0.0) if cfg.margin is not None else torch.ones(n_req, dtype=torch.bool)
+            margin_ok = (
+                worst_c > (cfg.margin or 0.0)
+                if cfg.margin is not None
+                else torch.ones(n_req, dtype=torch.bool)
+            )
             now_done = active & (nll_d < cfg.early_stop_loss) & margin_ok
             last = step == cfg.steps - 1
             for j in act_idx:
@@ -661,12 +718,22 @@ class _PrefixCache:
     full-width path, which gives the same values.
     """
 
-    def __init__(self, model: nn.Module, cache: Any, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: Any,
+        layers: list[tuple[torch.Tensor, torch.Tensor]],
+        mask: torch.Tensor,
+    ) -> None:
         self.model, self.cache, self.layers, self.mask = model, cache, layers, mask
-        self.kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.kwarg = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
 
     @classmethod
-    def build(cls, model: nn.Module, arch: ModelArch, b: _Rows, in_device: torch.device, autocast: Any) -> _PrefixCache | None:
+    def build(
+        cls, model: nn.Module, arch: ModelArch, b: _Rows, in_device: torch.device, autocast: Any
+    ) -> _PrefixCache | None:
         if b.split == 0:
             return None
         try:
@@ -678,14 +745,20 @@ class _PrefixCache:
             cache = DynamicCache(config=config)
         except Exception:  # noqa: BLE001 - any model whose cache cannot be built this way
             return None
-        kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        kwarg = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
         ids = b.input_ids[:, : b.split].to(in_device)
         mask = b.attention_mask[:, : b.split].to(in_device)
         last = arch.layer_name(arch.n_layers - 1)
         with torch.no_grad(), autocast(), TraceDict(model, [last], stop=True):
             model(input_ids=ids, attention_mask=mask, use_cache=True, **{kwarg: cache})
         layers = getattr(cache, "layers", None)
-        if not layers or len(layers) != arch.n_layers or any(type(x) is not DynamicLayer for x in layers):
+        if (
+            not layers
+            or len(layers) != arch.n_layers
+            or any(type(x) is not DynamicLayer for x in layers)
+        ):
             return None
         if any(x.get_seq_length() != b.split for x in layers):
             return None

@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'factedit COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"factedit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details and show tracebacks")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress details and show tracebacks"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         module = importlib.import_module(f".{name}", __name__)
@@ -50,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     try:
         with warnings.catch_warnings():
             # Library warnings (e.g. a subject placed after the relation) read as CLI messages.

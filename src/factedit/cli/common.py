@@ -22,7 +22,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="model: packaged name (smollm2-135m [default], gemma3-270m), a folder, a .gguf file or a hub id",
     )
-    g.add_argument("--dtype", default=None, help="weights' dtype: float32 (default), bfloat16, float16")
+    g.add_argument(
+        "--dtype", default=None, help="weights' dtype: float32 (default), bfloat16, float16"
+    )
     g.add_argument(
         "--device",
         default=None,
@@ -95,7 +97,9 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
 
     set_threads(getattr(args, "threads", None))
     if getattr(args, "device_map", None) and torch_distributed_world() > 1:
-        raise ValueError("--device-map with several processes is not supported; give each process its own --device")
+        raise ValueError(
+            "--device-map with several processes is not supported; give each process its own --device"
+        )
     device = process_device(args.device)
     if is_main_process():
         status(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...")
@@ -179,7 +183,12 @@ def finish_distributed() -> None:
 
 def add_corpus_arg(p: argparse.ArgumentParser) -> None:
     """``--corpus`` for commands whose methods may compute covariance statistics."""
-    p.add_argument("--corpus", type=Path, default=None, help="text/JSON/JSONL corpus of the covariance statistics (default: the packaged Wikipedia lead paragraphs; needed where that package is not installed)")
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        help="text/JSON/JSONL corpus of the covariance statistics (default: the packaged Wikipedia lead paragraphs; needed where that package is not installed)",
+    )
 
 
 def check_corpus(path: Any) -> None:
@@ -207,7 +216,9 @@ def parse_hparams(value: str | None) -> Any:
             raise ValueError(f"--hparams is not valid JSON: {exc}") from None
     path = Path(value)
     if not path.is_file():
-        raise FileNotFoundError(f"--hparams: file {path} does not exist (give a file or inline JSON)")
+        raise FileNotFoundError(
+            f"--hparams: file {path} does not exist (give a file or inline JSON)"
+        )
     return path
 
 

@@ -34,7 +34,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--hparams", default=None, help="hyperparameters file (JSON/YAML) overriding the defaults"
     )
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per prompt (default 40)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=40, help="tokens generated per prompt (default 40)"
+    )
     p.add_argument(
         "--top-k", type=int, default=None, help="sample from the top k tokens (default: greedy)"
     )
@@ -67,7 +69,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--logit-lens", action="store_true", help="also show each layer's top next tokens"
     )
-    p.add_argument("--lens-top-k", type=int, default=5, help="tokens per layer in the logit lens (default 5)")
+    p.add_argument(
+        "--lens-top-k", type=int, default=5, help="tokens per layer in the logit lens (default 5)"
+    )
     p.add_argument(
         "--max-out-len", type=int, default=100, help="prompt + continuation tokens (default 100)"
     )

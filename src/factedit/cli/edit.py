@@ -29,7 +29,9 @@ def register(sub) -> None:
             "--generate 'Steve Jobs worked for'"
         ),
     )
-    p.add_argument("--prompt", help="prompt with '{}' where the subject goes (or containing the subject)")
+    p.add_argument(
+        "--prompt", help="prompt with '{}' where the subject goes (or containing the subject)"
+    )
     p.add_argument("--subject", help="the subject, e.g. 'Steve Jobs'")
     p.add_argument("--target", help="the new target, e.g. 'Microsoft'")
     p.add_argument("--target-true", default=None, help="the current target (shown for comparison)")
@@ -43,13 +45,35 @@ def register(sub) -> None:
         help="requests per batch (MEMIT/AlphaEdit edit a batch at once, batches one after another; "
         "other methods always go one request at a time); default: all at once",
     )  # fmt: skip
-    p.add_argument("--method", default="rome", help="editing method (see 'factedit methods'; e.g. rome, memit, alphaedit, ft-l, kn, mend-cf)")
-    p.add_argument("--hparams", default=None, help="hyperparameters: a JSON/YAML file or an inline JSON object of overrides")
+    p.add_argument(
+        "--method",
+        default="rome",
+        help="editing method (see 'factedit methods'; e.g. rome, memit, alphaedit, ft-l, kn, mend-cf)",
+    )
+    p.add_argument(
+        "--hparams",
+        default=None,
+        help="hyperparameters: a JSON/YAML file or an inline JSON object of overrides",
+    )
     p.add_argument("--layer", type=int, default=None, help="override the edited layer (ROME)")
-    p.add_argument("--generate", nargs="*", default=[], metavar="PROMPT", help="prompts to generate from before and after")
-    p.add_argument("--max-new-tokens", type=int, default=25, help="tokens generated per prompt (default 25)")
-    p.add_argument("--save", type=Path, default=None, help="save the edit (safetensors) to this file")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars and the progress lines on stderr")
+    p.add_argument(
+        "--generate",
+        nargs="*",
+        default=[],
+        metavar="PROMPT",
+        help="prompts to generate from before and after",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=25, help="tokens generated per prompt (default 25)"
+    )
+    p.add_argument(
+        "--save", type=Path, default=None, help="save the edit (safetensors) to this file"
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide progress bars and the progress lines on stderr",
+    )
     add_corpus_arg(p)
     add_model_args(p)
     p.set_defaults(func=cmd_edit)
@@ -65,10 +89,26 @@ def register(sub) -> None:
             "the corpus and sum their parts: the same matrix and cache entry as one process."
         ),
     )
-    p.add_argument("--layer", type=int, required=True, help="block whose MLP output projection's inputs are measured")
-    p.add_argument("--tokens", type=int, default=None, help="corpus tokens (default: ROME's mom2_tokens)")
-    p.add_argument("--corpus", type=Path, default=None, help="text/JSON/JSONL corpus (default: packaged Wikipedia)")
-    p.add_argument("--recompute", action="store_true", help="compute afresh, without reading or writing the cache")
+    p.add_argument(
+        "--layer",
+        type=int,
+        required=True,
+        help="block whose MLP output projection's inputs are measured",
+    )
+    p.add_argument(
+        "--tokens", type=int, default=None, help="corpus tokens (default: ROME's mom2_tokens)"
+    )
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        help="text/JSON/JSONL corpus (default: packaged Wikipedia)",
+    )
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="compute afresh, without reading or writing the cache",
+    )
     add_model_args(p)
     p.set_defaults(func=cmd_stats)
 
@@ -79,7 +119,9 @@ def _hparams_arg(args: argparse.Namespace):
         if hp is None:
             hp = {}
         if not isinstance(hp, dict):
-            raise ValueError("--layer cannot be combined with an --hparams file; put the layer in the file")
+            raise ValueError(
+                "--layer cannot be combined with an --hparams file; put the layer in the file"
+            )
         key = "layer" if args.method.lower() == "rome" else "layers"
         hp[key] = args.layer if key == "layer" else [args.layer]
     return hp
@@ -94,12 +136,24 @@ def _requests(args: argparse.Namespace):
         from ..requests import load_requests
 
         return load_requests(args.requests)
-    missing = [n for n, v in (("--prompt", args.prompt), ("--subject", args.subject), ("--target", args.target)) if v is None]
+    missing = [
+        n
+        for n, v in (
+            ("--prompt", args.prompt),
+            ("--subject", args.subject),
+            ("--target", args.target),
+        )
+        if v is None
+    ]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or give --requests FILE)")
     if "{}" in args.prompt:
         return [EditRequest(args.prompt, args.subject, args.target, target_true=args.target_true)]
-    return [EditRequest.from_filled(args.prompt, args.subject, args.target, target_true=args.target_true)]
+    return [
+        EditRequest.from_filled(
+            args.prompt, args.subject, args.target, target_true=args.target_true
+        )
+    ]
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -124,7 +178,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     # Said once, up front: the session below checks the hyperparameters first and may stop.
     warn_subject_at_end(requests)
-    session = EditSession(model, tok, method=args.method, hparams=hparams, context=EditContext(progress=progress, stats_corpus=args.corpus))
+    session = EditSession(
+        model,
+        tok,
+        method=args.method,
+        hparams=hparams,
+        context=EditContext(progress=progress, stats_corpus=args.corpus),
+    )
     gen_prompts = args.generate or [r.text for r in requests][:10]
     if progress:
         status(f"generating {len(gen_prompts)} continuation(s) before the edit ...")
@@ -145,9 +205,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
         status("generating after the edit ...")
     after = generate(model, tok, gen_prompts, max_new_tokens=args.max_new_tokens)
     n_batches = len(session)
-    print(f"method {result.method}; {len(requests)} request(s) in {n_batches} batch(es); edit took "
-          f"{result.timings['total']:.1f} s ("
-          + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if k != "total") + ")")
+    print(
+        f"method {result.method}; {len(requests)} request(s) in {n_batches} batch(es); edit took "
+        f"{result.timings['total']:.1f} s ("
+        + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if k != "total")
+        + ")"
+    )
     shown = 20
     for r, d in list(zip(result.requests, result.diagnostics, strict=True))[:shown]:
         line = f"  {r.text!r} -> {r.target_text!r}: P before {d.get('target_prob_before', float('nan')):.4f}, after {d.get('target_prob_after', float('nan')):.4f}"
@@ -157,8 +220,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
         print(line)
     if len(result.requests) > shown:
         after_p = [d.get("target_prob_after", float("nan")) for d in result.diagnostics]
-        better = sum(d.get("target_prob_after", 0) > d.get("target_prob_before", 1) for d in result.diagnostics)
-        print(f"  ... {len(result.requests) - shown} more; P(new target) rose for {better}/{len(after_p)} requests")
+        better = sum(
+            d.get("target_prob_after", 0) > d.get("target_prob_before", 1)
+            for d in result.diagnostics
+        )
+        print(
+            f"  ... {len(result.requests) - shown} more; P(new target) rose for {better}/{len(after_p)} requests"
+        )
     print()
     for b, a in zip(before, after, strict=True):
         print(f"[before] {b}")
@@ -194,6 +262,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
         finish_distributed()
     if is_main_process():
         procs = f" by {torch_distributed_world()} processes" if distributed else ""
-        where = "read from the cache" if s.from_cache else f"computed{procs} in {s.seconds:.1f} s ({s.count / max(s.seconds, 1e-9):.0f} tokens/s)"
-        print(f"layer {args.layer} ({arch.mlp_out_name(args.layer)} input): {s.count} tokens, {where}; key {s.key}", file=sys.stdout)
+        where = (
+            "read from the cache"
+            if s.from_cache
+            else f"computed{procs} in {s.seconds:.1f} s ({s.count / max(s.seconds, 1e-9):.0f} tokens/s)"
+        )
+        print(
+            f"layer {args.layer} ({arch.mlp_out_name(args.layer)} input): {s.count} tokens, {where}; key {s.key}",
+            file=sys.stdout,
+        )
     return 0

@@ -31,7 +31,9 @@ def register(subparsers) -> None:
         help="[KIND] PATH: the dataset file, optionally preceded by its kind: counterfact (ROME or flat EasyEdit "
         "layout), counterfact-flat, zsre; detected from the records when left out",
     )
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records (after --skip)")
+    p.add_argument(
+        "--limit", type=int, default=None, help="evaluate only the first N records (after --skip)"
+    )
     p.add_argument(
         "--skip", type=int, default=0, metavar="N",
         help="leave out the first N records (with --limit: records N..N+limit-1), e.g. to report "
@@ -134,8 +136,14 @@ def register(subparsers) -> None:
     )
     m.add_argument("files", nargs="+", type=Path, help="results files to join")
     m.add_argument("--out", required=True, type=Path, help="merged results file")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not among the inputs")
-    m.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as Markdown")
+    m.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not among the inputs",
+    )
+    m.add_argument(
+        "--markdown", default=None, metavar="FILE", help="also write the table as Markdown"
+    )
     m.add_argument("--json", default=None, metavar="FILE", help="also write the summary as JSON")
     m.set_defaults(func=cmd_merge)
 
@@ -160,7 +168,9 @@ def _batches(value: str) -> list[int]:
     try:
         return [int(k) for k in value.split(",") if k.strip()]
     except ValueError:
-        raise ValueError(f"--gen-checkpoints takes batch numbers separated by commas, got {value!r}") from None
+        raise ValueError(
+            f"--gen-checkpoints takes batch numbers separated by commas, got {value!r}"
+        ) from None
 
 
 def _data_args(values: list[str]) -> tuple[str | None, Path]:
@@ -180,10 +190,14 @@ def default_out(
     skip: int = 0,
     batch_size: int | None = None,
 ) -> Path:
-    stem = re.sub(r"[^\w.-]", "_", f"eval-{method}-{data.stem}" + (f"-b{batch_size}" if batch_size else ""))
+    stem = re.sub(
+        r"[^\w.-]", "_", f"eval-{method}-{data.stem}" + (f"-b{batch_size}" if batch_size else "")
+    )
     stem += f"-from{skip}" if skip else ""
     part = f"-shard{shard[0]}of{shard[1]}" if shard else ""
-    return Path(stem + ("-seq" if sequential else "") + ("" if generation else "-nogen") + part + ".jsonl")
+    return Path(
+        stem + ("-seq" if sequential else "") + ("" if generation else "-nogen") + part + ".jsonl"
+    )
 
 
 def _write_outputs(summary: Any, args: argparse.Namespace) -> None:
@@ -210,15 +224,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = (
         Path(args.out)
         if args.out
-        else default_out(args.method, data, args.sequential, generation, shard, args.skip, args.batch_size)
+        else default_out(
+            args.method, data, args.sequential, generation, shard, args.skip, args.batch_size
+        )
     )
     if args.summary_only:
         _write_outputs(summarize(read_results(out)), args)
         return 0
     if _batches(args.gen_checkpoints) and not (args.batch_size and args.sequential):
-        raise ValueError("--gen-checkpoints needs --batch-size and --sequential (fluency after each listed batch)")
+        raise ValueError(
+            "--gen-checkpoints needs --batch-size and --sequential (fluency after each listed batch)"
+        )
     if shard and args.sequential:
-        raise ValueError("--shard cannot split a --sequential run: each edit depends on all earlier cases")
+        raise ValueError(
+            "--shard cannot split a --sequential run: each edit depends on all earlier cases"
+        )
     # Everything is validated before the results file is touched: the method and the dataset
     # now, the hyperparameters against the model in make_config (which raises on a bad field
     # or value), so a failed run leaves nothing behind.
@@ -242,7 +262,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _evaluate(
-    args: argparse.Namespace, data: Path, cases: list, out: Path, generation: bool, distributed: bool
+    args: argparse.Namespace,
+    data: Path,
+    cases: list,
+    out: Path,
+    generation: bool,
+    distributed: bool,
 ) -> int:
     from ..evaluate import ConfigMismatchError, make_config, run_evaluation
     from ..evaluate.sharding import run_distributed_evaluation
@@ -250,7 +275,9 @@ def _evaluate(
     from .common import is_main_process
 
     if distributed and args.sequential:
-        raise ValueError("a --sequential run cannot be split over processes (run it without torchrun)")
+        raise ValueError(
+            "a --sequential run cannot be split over processes (run it without torchrun)"
+        )
     hparams = _parse_hparams(args.hparams)
     model, tok = load(args)
     model_name = (args.model or DEFAULT_MODEL) + (f"@{args.dtype}" if args.dtype else "")
@@ -273,7 +300,9 @@ def _evaluate(
         print(f"{len(cases)} cases from {data}; results -> {out}", file=sys.stderr)
     if args.batch_size is not None:
         if distributed:
-            raise ValueError("--batch-size runs cannot be split over processes (run without torchrun)")
+            raise ValueError(
+                "--batch-size runs cannot be split over processes (run without torchrun)"
+            )
         from ..evaluate.batch import run_batch_evaluation
 
         summary = run_batch_evaluation(
@@ -306,7 +335,9 @@ def _evaluate(
     return 0
 
 
-def _shared_statistics(model: Any, tok: Any, hparams: dict[str, Any] | None, corpus: Path | None) -> None:
+def _shared_statistics(
+    model: Any, tok: Any, hparams: dict[str, Any] | None, corpus: Path | None
+) -> None:
     """Under torchrun, compute the method's covariance statistics once, split over the
     processes, before the cases (each process's edits then read them from the cache)."""
     from ..stats import layer_stats
@@ -316,7 +347,9 @@ def _shared_statistics(model: Any, tok: Any, hparams: dict[str, Any] | None, cor
         return
     layers = hp.get("layers") or ([hp["layer"]] if "layer" in hp else [])
     for layer in layers:
-        layer_stats(model, tok, int(layer), tokens=int(hp["mom2_tokens"]), corpus=corpus, distributed=True)
+        layer_stats(
+            model, tok, int(layer), tokens=int(hp["mom2_tokens"]), corpus=corpus, distributed=True
+        )
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -326,8 +359,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"results file(s) {', '.join(missing)} do not exist")
-    if args.out.exists() and not args.overwrite and args.out.resolve() not in {f.resolve() for f in args.files}:
-        raise FileExistsError(f"{args.out} exists; give --overwrite to replace it, or list it among the files to merge")
+    if (
+        args.out.exists()
+        and not args.overwrite
+        and args.out.resolve() not in {f.resolve() for f in args.files}
+    ):
+        raise FileExistsError(
+            f"{args.out} exists; give --overwrite to replace it, or list it among the files to merge"
+        )
     merged = merge_results(args.files, args.out)
     print(f"{len(merged.cases)} cases from {len(args.files)} files -> {args.out}", file=sys.stderr)
     _write_outputs(summarize(merged), args)

@@ -16,10 +16,16 @@ def register(sub) -> None:
     )
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
     p.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate (default 30)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the top k tokens (default: greedy)")
+    p.add_argument(
+        "--top-k", type=int, default=None, help="sample from the top k tokens (default: greedy)"
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--logit-lens", action="store_true", help="also show each layer's top next tokens")
-    p.add_argument("--lens-top-k", type=int, default=5, help="tokens per layer in the logit lens (default 5)")
+    p.add_argument(
+        "--logit-lens", action="store_true", help="also show each layer's top next tokens"
+    )
+    p.add_argument(
+        "--lens-top-k", type=int, default=5, help="tokens per layer in the logit lens (default 5)"
+    )
     add_model_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -37,7 +43,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..generation import format_lens, generate, logit_lens
 
     model, tok = load(args)
-    texts = generate(model, tok, args.prompts, max_new_tokens=args.max_new_tokens, top_k=args.top_k, seed=args.seed)
+    texts = generate(
+        model,
+        tok,
+        args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     for t in texts:
         print(t)
     if args.logit_lens:

@@ -19,7 +19,9 @@ def register(sub) -> None:
             "that --hparams accepts."
         ),
     )
-    p.add_argument("--show-hparams", metavar="METHOD", default=None, help="print METHOD's defaults as JSON")
+    p.add_argument(
+        "--show-hparams", metavar="METHOD", default=None, help="print METHOD's defaults as JSON"
+    )
     add_model_args(p)
     p.set_defaults(func=cmd_methods)
 

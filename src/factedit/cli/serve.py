@@ -21,7 +21,11 @@ def register(sub) -> None:
             "on 127.0.0.1 unless --host says otherwise. Needs: pip install 'factedit[web]'."
         ),
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     add_model_args(p)

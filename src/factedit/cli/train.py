@@ -23,13 +23,36 @@ def register(sub) -> None:
         ),
     )
     p.add_argument("family", choices=["mend", "ke"], help="which editor")
-    p.add_argument("--variant", choices=["gen", "cf", "zsre"], default="gen", help="training data (default gen)")
-    p.add_argument("--data", type=Path, default=None, help="training data file (cf, zsre) or corpus (gen)")
-    p.add_argument("--exclude", type=Path, default=None, help="CounterFact file whose subjects are left out of training (cf)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the shipped config)")
-    p.add_argument("--out", type=Path, default=None, help="where to write the editor (default: the factedit cache)")
-    p.add_argument("--hparams", default=None, help="training hyperparameters: JSON/YAML file or inline JSON")
-    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument(
+        "--variant",
+        choices=["gen", "cf", "zsre"],
+        default="gen",
+        help="training data (default gen)",
+    )
+    p.add_argument(
+        "--data", type=Path, default=None, help="training data file (cf, zsre) or corpus (gen)"
+    )
+    p.add_argument(
+        "--exclude",
+        type=Path,
+        default=None,
+        help="CounterFact file whose subjects are left out of training (cf)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: the shipped config)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write the editor (default: the factedit cache)",
+    )
+    p.add_argument(
+        "--hparams", default=None, help="training hyperparameters: JSON/YAML file or inline JSON"
+    )
+    p.add_argument(
+        "--restart", action="store_true", help="ignore an existing checkpoint and start over"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_model_args(p)
     p.set_defaults(func=cmd_train)
@@ -60,12 +83,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.from_cache:
         print(f"already trained: {result.path}")
     else:
-        print(f"trained {args.family}-{args.variant} in {h['seconds']:.0f} s ({h['steps_done']} steps"
-              + (", stopped early" if h["stopped_early"] else "") + f"); best at step {h['best_step']}")
+        print(
+            f"trained {args.family}-{args.variant} in {h['seconds']:.0f} s ({h['steps_done']} steps"
+            + (", stopped early" if h["stopped_early"] else "")
+            + f"); best at step {h['best_step']}"
+        )
     print(f"data: {h['data']}")
     print("step  train_loss  edit_acc  rephrase_acc  locality")
     for c in h["curve"]:
         tl = "-" if c["train_loss"] is None else f"{c['train_loss']:.3f}"
-        print(f"{c['step']:>5}  {tl:>10}  {c['edit_acc']:8.3f}  {c['rephrase_acc']:12.3f}  {c['locality']:8.3f}")
+        print(
+            f"{c['step']:>5}  {tl:>10}  {c['edit_acc']:8.3f}  {c['rephrase_acc']:12.3f}  {c['locality']:8.3f}"
+        )
     print(f"editor: {result.path}")
     return 0

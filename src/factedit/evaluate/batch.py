@@ -108,16 +108,25 @@ def run_batch_evaluation(
     gen_checkpoints = sorted(set(gen_checkpoints))
     if gen_checkpoints:
         if not config.sequential:
-            raise ValueError("gen_checkpoints needs a sequential run (each batch is restored otherwise)")
+            raise ValueError(
+                "gen_checkpoints needs a sequential run (each batch is restored otherwise)"
+            )
         if not (config.generation and gen_sample > 0):
-            raise ValueError("gen_checkpoints needs generations (config.generation and gen_sample > 0)")
+            raise ValueError(
+                "gen_checkpoints needs generations (config.generation and gen_sample > 0)"
+            )
         bad = [k for k in gen_checkpoints if not 1 <= k < n_batches]
         if bad:
             raise ValueError(
                 f"gen_checkpoints {bad} out of range: a run of {n_batches} batches has checkpoints 1..{n_batches - 1} "
                 "(the final measurement follows the last batch)"
             )
-    cfg = {**config.to_dict(), "protocol": "batch", "batch_size": batch_size, "gen_sample": gen_sample}
+    cfg = {
+        **config.to_dict(),
+        "protocol": "batch",
+        "batch_size": batch_size,
+        "gen_sample": gen_sample,
+    }
     if gen_checkpoints:  # only when used, so that earlier results files keep their configuration
         cfg["gen_checkpoints"] = gen_checkpoints
     if out.exists() and overwrite:
@@ -131,16 +140,29 @@ def run_batch_evaluation(
         out.parent.mkdir(parents=True, exist_ok=True)
         notes = [f"mass editing: batches of {batch_size}" + (", applied sequentially" if config.sequential else "")
                  + f"; GE/RS on a fixed sample of {gen_sample} cases"]  # fmt: skip
-        append_line(out, {"type": "header", "config": cfg, "notes": notes, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        append_line(
+            out,
+            {
+                "type": "header",
+                "config": cfg,
+                "notes": notes,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
     done = {c["case_id"] for c in existing.cases}
     batches = [list(cases[s : s + batch_size]) for s in range(0, len(cases), batch_size)]
     todo = [b for b in batches if not all(json_id(c.case_id) in done for c in b)]
     if config.sequential and done and todo:
         raise ConfigMismatchError(
-            out, ["sequential: the file holds part of a sequential run, which cannot be resumed batch by batch"]
+            out,
+            [
+                "sequential: the file holds part of a sequential run, which cannot be resumed batch by batch"
+            ],
         )
     gen_ids = generation_sample(cases, gen_sample, config.seed) if config.generation else set()
-    cache = PreEditCache.from_option(pre_cache, model, config, own_scorer=reference_scorer is not None)
+    cache = PreEditCache.from_option(
+        pre_cache, model, config, own_scorer=reference_scorer is not None
+    )
     if gen_ids and reference_scorer is None and config.kind == "counterfact":
         from .tfidf import load_reference_scorer
 
@@ -160,7 +182,11 @@ def run_batch_evaluation(
         def gen(c: EvalCase) -> bool:
             return json_id(c.case_id) in gen_ids and bool(c.generation_prompts)
 
-        need = [c for c in group if gen(c) and (pres is not None or cache is None or cache.get(c.case_id, True) is None)]
+        need = [
+            c
+            for c in group
+            if gen(c) and (pres is not None or cache is None or cache.get(c.case_id, True) is None)
+        ]
         made: dict[Any, Any] = {}
         if need:
             bar.set_postfix_str(f"generating for {len(need)} cases")
@@ -176,7 +202,11 @@ def run_batch_evaluation(
                 return measure_case(model, tok, case, config, pre=pre, generation=cid in gen_ids,
                                     reference_scorer=reference_scorer, generations=made.get(cid))  # fmt: skip
 
-            out.append(now() if pre is not None else measure_before(cache, case.case_id, cid in gen_ids, now))
+            out.append(
+                now()
+                if pre is not None
+                else measure_before(cache, case.case_id, cid in gen_ids, now)
+            )
             bar.update(1)
         return out
 
@@ -199,22 +229,33 @@ def run_batch_evaluation(
         return {json_id(c.case_id): per_case for c in batch}
 
     try:
-        pres = {json_id(c.case_id): m for c, m in zip(todo_cases, measure_all(todo_cases), strict=True)}
+        pres = {
+            json_id(c.case_id): m for c, m in zip(todo_cases, measure_all(todo_cases), strict=True)
+        }
         if config.sequential:
             edit_seconds = {}
             checkpoints = []
-            sampled = [c for c in todo_cases if json_id(c.case_id) in gen_ids and c.generation_prompts]
+            sampled = [
+                c for c in todo_cases if json_id(c.case_id) in gen_ids and c.generation_prompts
+            ]
             for k, b in enumerate(todo):
                 edit_seconds.update(apply(k, b))
                 if k + 1 in gen_checkpoints:
-                    bar.set_postfix_str(f"fluency after batch {k + 1}: generating for {len(sampled)} cases")
-                    gens = many_case_generations(model, tok, sampled, config, batch_rows=gen_batch_rows)
+                    bar.set_postfix_str(
+                        f"fluency after batch {k + 1}: generating for {len(sampled)} cases"
+                    )
+                    gens = many_case_generations(
+                        model, tok, sampled, config, batch_rows=gen_batch_rows
+                    )
                     bar.set_postfix_str("")
                     edited = {json_id(c.case_id) for bb in todo[: k + 1] for c in bb}
-                    checkpoints.append(batch_checkpoint(k + 1, len(edited), sampled, gens, pres, edited))
+                    checkpoints.append(
+                        batch_checkpoint(k + 1, len(edited), sampled, gens, pres, edited)
+                    )
             posts = measure_all(todo_cases, pres)
             records = checkpoints + [
-                _record(c, pres, post, edit_seconds, diagnostics) for c, post in zip(todo_cases, posts, strict=True)
+                _record(c, pres, post, edit_seconds, diagnostics)
+                for c, post in zip(todo_cases, posts, strict=True)
             ]
             for rec in records:
                 append_line(out, rec)
@@ -276,7 +317,11 @@ def batch_checkpoint(
 
 
 def _record(
-    case: EvalCase, pres: dict[Any, Any], post: Any, edit_seconds: dict[Any, float], diagnostics: dict[Any, dict[str, Any]]
+    case: EvalCase,
+    pres: dict[Any, Any],
+    post: Any,
+    edit_seconds: dict[Any, float],
+    diagnostics: dict[Any, dict[str, Any]],
 ) -> dict[str, Any]:
     cid = json_id(case.case_id)
     pre = pres[cid]

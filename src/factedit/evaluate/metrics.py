@@ -57,6 +57,8 @@ def table_format(metric: str) -> tuple[float, int]:
     """``(scale, digits)`` for showing ``metric`` in a table: rates in percent with one digit,
     :data:`RAW_METRICS` as they are with two."""
     return (1.0, 2) if metric in RAW_METRICS else (100.0, 1)
+
+
 #: Order of zsRE metrics in tables.
 ZSRE_METRICS = ("Efficacy", "Paraphrase", "Specificity", "NQ-acc")
 #: ROME's n-gram orders and weights for the generation entropy.
@@ -244,7 +246,9 @@ class Estimate:
     ci95: float
     n: int
 
-    def format(self, scale: float = 1.0, digits: int = 1, *, signed: bool = False, unit: str = "") -> str:
+    def format(
+        self, scale: float = 1.0, digits: int = 1, *, signed: bool = False, unit: str = ""
+    ) -> str:
         """``"mean ± ci"`` scaled (e.g. 100 for percent); ``"-"`` when there is no value.
         ``signed``: a "+" before a mean that shows above 0 (for changes); ``unit`` follows
         both numbers (``"-3.3 % ± 3.3 %"``)."""
@@ -325,7 +329,9 @@ def summarize_cases(
     return out
 
 
-def _pairs(before: Sequence[float | None], after: Sequence[float | None]) -> list[tuple[float, float]]:
+def _pairs(
+    before: Sequence[float | None], after: Sequence[float | None]
+) -> list[tuple[float, float]]:
     """The ``(before[i], after[i])`` where both are numbers (not None, not NaN); a
     ``ValueError`` naming both lengths if the sequences differ in length."""
     if len(before) != len(after):

@@ -79,7 +79,12 @@ class PreEditCache:
 
     @classmethod
     def for_run(
-        cls, model: Any, config: EvalConfig, *, reference_scorer: bool, root: str | Path | None = None
+        cls,
+        model: Any,
+        config: EvalConfig,
+        *,
+        reference_scorer: bool,
+        root: str | Path | None = None,
     ) -> PreEditCache:
         """The cache for measuring with ``config`` on ``model`` (the unedited model, whose
         exact weights ``config.model_fingerprint`` names); ``reference_scorer``: whether RS is
@@ -166,7 +171,9 @@ class PreEditCache:
                         tuple(n["true_acc"]),
                         tuple(tuple(a) for a in n["true_argmax"]),
                     )
-                    self._entries[line["key"]] = Measurement(line["metrics"], scores, {}, line["generations"])
+                    self._entries[line["key"]] = Measurement(
+                        line["metrics"], scores, {}, line["generations"]
+                    )
                 except (ValueError, KeyError, TypeError):
                     # A line cut short by an interrupted run: measured again when needed.
                     log.warning("%s: line %d unreadable, ignored", self.path, i + 1)

@@ -222,8 +222,7 @@ class Summary:
             for cp in rescored:
                 est = cp["summary"]
                 cells = [
-                    _estimate(est[m]).format(*table_format(m)) if m in est else "-"
-                    for m in names
+                    _estimate(est[m]).format(*table_format(m)) if m in est else "-" for m in names
                 ]
                 lines.append(f"| {cp['n_edits']} | " + " | ".join(cells) + " |")
         lines += [

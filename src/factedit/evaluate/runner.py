@@ -66,7 +66,9 @@ class ConfigMismatchError(ValueError):
     :meth:`describe` phrases the message for a front end with its own way to overwrite.
     """
 
-    def __init__(self, path: Path, differences: list[str], how_to_overwrite: str = "overwrite=True"):
+    def __init__(
+        self, path: Path, differences: list[str], how_to_overwrite: str = "overwrite=True"
+    ):
         self.path, self.differences = path, differences
         super().__init__(self.describe(how_to_overwrite))
 
@@ -265,7 +267,9 @@ def measure_case(
     do_gen = config.generation if generation is None else generation
     if do_gen and case.generation_prompts:
         t1 = time.perf_counter()
-        gens = generations if generations is not None else case_generations(model, tok, case, config)
+        gens = (
+            generations if generations is not None else case_generations(model, tok, case, config)
+        )
         metrics.update(generation_metrics(gens))
         texts = gens.texts
         if reference_scorer is not None:
@@ -283,21 +287,32 @@ def _generation_group(tok: Any, case: EvalCase, config: EvalConfig) -> Generatio
 
     prompts = list(case.generation_prompts)
     longest = max((len(tok(p)["input_ids"]) for p in prompts), default=0)
-    return GenerationGroup(prompts, max(1, config.gen_length - longest), case_seed(config.seed, case.case_id))
+    return GenerationGroup(
+        prompts, max(1, config.gen_length - longest), case_seed(config.seed, case.case_id)
+    )
 
 
-def case_generations(model: nn.Module, tok: Any, case: EvalCase, config: EvalConfig) -> FullLengthGenerations:
+def case_generations(
+    model: nn.Module, tok: Any, case: EvalCase, config: EvalConfig
+) -> FullLengthGenerations:
     """The sampled continuations of ``case.generation_prompts`` (top-k, seeded per case, so
     the same case gives the same samples on the same weights), generated to full length as
     ROME's evaluation does, and the same cut at their first end-of-sequence token."""
     from ..generation import generate_full_length
 
     g = _generation_group(tok, case, config)
-    return generate_full_length(model, tok, g.prompts, max_new_tokens=g.max_new_tokens, top_k=config.gen_top_k, seed=g.seed)
+    return generate_full_length(
+        model, tok, g.prompts, max_new_tokens=g.max_new_tokens, top_k=config.gen_top_k, seed=g.seed
+    )
 
 
 def many_case_generations(
-    model: nn.Module, tok: Any, cases: Sequence[EvalCase], config: EvalConfig, *, batch_rows: int = 128
+    model: nn.Module,
+    tok: Any,
+    cases: Sequence[EvalCase],
+    config: EvalConfig,
+    *,
+    batch_rows: int = 128,
 ) -> list[FullLengthGenerations]:
     """:func:`case_generations` of every case in ``cases`` (in order), with the cases' prompts
     batched together up to ``batch_rows`` rows a call, each case still sampled from its own
@@ -306,7 +321,9 @@ def many_case_generations(
     from ..generation import generate_full_length_groups
 
     groups = [_generation_group(tok, c, config) for c in cases]
-    return generate_full_length_groups(model, tok, groups, top_k=config.gen_top_k, batch_rows=batch_rows)
+    return generate_full_length_groups(
+        model, tok, groups, top_k=config.gen_top_k, batch_rows=batch_rows
+    )
 
 
 def generation_metrics(gens: FullLengthGenerations) -> dict[str, float]:
@@ -510,7 +527,12 @@ def run_evaluation(
     applied: list[Any] = []  # sequential mode: results of the edits in place
     checkpointed = {cp["n_cases"] for cp in existing.checkpoints}
     try:
-        if config.sequential and config.checkpoint_gen and not existing.cases and 0 not in checkpointed:
+        if (
+            config.sequential
+            and config.checkpoint_gen
+            and not existing.cases
+            and 0 not in checkpointed
+        ):
             # The baseline of the fluency curve, on the unedited model.
             cp = _checkpoint(model, tok, cases, [], config)
             append_line(out, cp)
@@ -617,7 +639,9 @@ def scalar_diagnostics(diagnostics: Mapping[str, Any]) -> dict[str, Any]:
     """The scalar entries of a method's diagnostics for one request (steps, losses, efficacy
     check, retries), as results records keep them for looking into individual cases; the
     metrics never depend on them."""
-    return {k: v for k, v in diagnostics.items() if isinstance(v, (bool, int, float, str)) or v is None}
+    return {
+        k: v for k, v in diagnostics.items() if isinstance(v, (bool, int, float, str)) or v is None
+    }
 
 
 def _checkpoint(

@@ -40,7 +40,9 @@ def parse_shard(text: str) -> tuple[int, int]:
         k_s, n_s = text.split("/")
         k, n = int(k_s), int(n_s)
     except ValueError:
-        raise ValueError(f"--shard takes K/N (e.g. 0/4 for the first of four shards), got {text!r}") from None
+        raise ValueError(
+            f"--shard takes K/N (e.g. 0/4 for the first of four shards), got {text!r}"
+        ) from None
     if n < 1 or not 0 <= k < n:
         raise ValueError(f"--shard {text}: need N >= 1 and 0 <= K < N (shards are numbered 0..N-1)")
     return k, n
@@ -89,14 +91,20 @@ def merge_results(
             key = json.dumps(c["case_id"], sort_keys=True)
             if key in cases:
                 if _without_seconds(cases[key]) != _without_seconds(c):
-                    log.warning("case %r appears twice with different results; keeping the first (%s)", c["case_id"], p)
+                    log.warning(
+                        "case %r appears twice with different results; keeping the first (%s)",
+                        c["case_id"],
+                        p,
+                    )
                 continue
             cases[key] = c
     rows = list(cases.values())
     if order is not None:
         rank = {json.dumps(json_id(cid), sort_keys=True): i for i, cid in enumerate(order)}
         rows.sort(key=lambda c: rank.get(json.dumps(c["case_id"], sort_keys=True), len(rank)))
-    elif all(isinstance(c["case_id"], (int, float)) and not isinstance(c["case_id"], bool) for c in rows):
+    elif all(
+        isinstance(c["case_id"], (int, float)) and not isinstance(c["case_id"], bool) for c in rows
+    ):
         rows.sort(key=lambda c: c["case_id"])
     header = dict(first.header or {})
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -170,8 +178,16 @@ def run_distributed_evaluation(
     if problem[0] is not None:
         raise RuntimeError(f"rank 0 could not prepare {out}: {problem[0]}")
 
-    done = {json.dumps(c["case_id"], sort_keys=True) for c in read_results(out).cases} if out.is_file() else set()
-    mine = [c for c in shard_cases(cases, rank, world) if json.dumps(json_id(c.case_id), sort_keys=True) not in done]
+    done = (
+        {json.dumps(c["case_id"], sort_keys=True) for c in read_results(out).cases}
+        if out.is_file()
+        else set()
+    )
+    mine = [
+        c
+        for c in shard_cases(cases, rank, world)
+        if json.dumps(json_id(c.case_id), sort_keys=True) not in done
+    ]
     part = part_path(out, rank, world)
     failure = None
     try:
@@ -192,7 +208,9 @@ def run_distributed_evaluation(
         except Exception as exc:
             merged_problem = [f"{type(exc).__name__}: {exc}"]
     dist.broadcast_object_list(merged_problem, src=0)
-    errors = [f for f in failures if f] + ([f"merging: {merged_problem[0]}"] if merged_problem[0] else [])
+    errors = [f for f in failures if f] + (
+        [f"merging: {merged_problem[0]}"] if merged_problem[0] else []
+    )
     if errors:
         raise RuntimeError("the distributed evaluation failed: " + "; ".join(errors))
     return summarize(read_results(out), ids)

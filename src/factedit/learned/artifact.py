@@ -88,9 +88,15 @@ def atomic_save(tensors: dict[str, torch.Tensor], header: dict[str, Any], path: 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "header": json.dumps(header, sort_keys=True)}
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "header": json.dumps(header, sort_keys=True),
+    }
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta
+        )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -108,7 +114,9 @@ def read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT_NAME:
-                raise EditorFileError(f"{path} is not a factedit editor (format {meta.get('format')!r})")
+                raise EditorFileError(
+                    f"{path} is not a factedit editor (format {meta.get('format')!r})"
+                )
             header = json.loads(meta["header"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except EditorFileError:
@@ -126,7 +134,9 @@ def write_pointer(root: Path, family: str, variant: str, base_fp: str, target: P
     os.replace(tmp, p)
 
 
-def find_editor(root: Path, family: str, variant: str, base_fp: str, model_name: str | None = None) -> Path:
+def find_editor(
+    root: Path, family: str, variant: str, base_fp: str, model_name: str | None = None
+) -> Path:
     """The editor trained last for this base model, family and variant, or
     :class:`EditorNotTrainedError` with the command that trains it."""
     p = pointer_path(root, family, variant, base_fp)

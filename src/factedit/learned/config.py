@@ -80,7 +80,17 @@ class LearnedHParams(HParams):
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        positive = ("rank", "n_blocks", "init_lr", "steps", "meta_lr", "lr_lr", "eval_every", "patience", "max_examples")
+        positive = (
+            "rank",
+            "n_blocks",
+            "init_lr",
+            "steps",
+            "meta_lr",
+            "lr_lr",
+            "eval_every",
+            "patience",
+            "max_examples",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -108,7 +108,9 @@ class FactorCapture(contextlib.AbstractContextManager):
             grad = probe.grad if probe.grad is not None else torch.zeros_like(probe)
             # Some models (OPT) run their MLP on flattened (batch * seq, width) activations.
             seq = mask.shape[0]
-            inp, grad = (as_batch_seq(t, t.numel() // (seq * t.shape[-1]), seq) for t in (inp, grad))
+            inp, grad = (
+                as_batch_seq(t, t.numel() // (seq * t.shape[-1]), seq) for t in (inp, grad)
+            )
             us.append(inp[row][mask].float())
             ds.append(grad[row][mask].float())
         return Factors(us, ds)
@@ -125,12 +127,20 @@ class DeltaInjection(contextlib.AbstractContextManager):
     """Inside the block, each edited projection computes ``(W + dW) x`` (``dW`` in ``(out, in)``
     orientation, with autograd through ``dW``); the parameters are not touched."""
 
-    def __init__(self, model: nn.Module, arch: ModelArch, layers: Sequence[int], deltas: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: ModelArch,
+        layers: Sequence[int],
+        deltas: Sequence[torch.Tensor],
+    ) -> None:
         self._handles = []
         for i, d in zip(layers, deltas, strict=True):
             module = get_module(model, arch.mlp_out_name(i))
 
-            def hook(mod: nn.Module, args: tuple, output: torch.Tensor, d: torch.Tensor = d) -> torch.Tensor:
+            def hook(
+                mod: nn.Module, args: tuple, output: torch.Tensor, d: torch.Tensor = d
+            ) -> torch.Tensor:
                 x = first_tensor(args)
                 return output + F.linear(x.to(d.dtype), d).to(output.dtype)
 
@@ -167,7 +177,9 @@ def example_batch(tok, rows: Sequence[tuple[str, str]], device: torch.device) ->
 
 
 @contextlib.contextmanager
-def start_at_block(model: nn.Module, arch: ModelArch, first: int, hidden: torch.Tensor, tuple_len: int) -> Iterator[None]:
+def start_at_block(
+    model: nn.Module, arch: ModelArch, first: int, hidden: torch.Tensor, tuple_len: int
+) -> Iterator[None]:
     """Inside the block, blocks ``0 .. first-1`` do not compute: each returns ``hidden`` (in the
     output structure those blocks have: a tensor when ``tuple_len == 0``, else a tuple of that
     length whose other entries are ``None``), so block ``first`` receives the cached state."""
@@ -197,19 +209,27 @@ class HiddenCache:
     tuple_len: int
 
     @classmethod
-    def fill(cls, model: nn.Module, arch: ModelArch, first: int, ex: ExampleBatch) -> HiddenCache | None:
+    def fill(
+        cls, model: nn.Module, arch: ModelArch, first: int, ex: ExampleBatch
+    ) -> HiddenCache | None:
         """Compute ``ex.hidden`` (the input of block ``first``) with one pass of the lower
         blocks; return the structure to skip them later (``None`` when ``first == 0``)."""
         if first == 0:
             return None
         with torch.no_grad(), Trace(model, arch.layer_name(first - 1), stop=True) as tr:
-            model(input_ids=ex.batch.input_ids, attention_mask=ex.batch.attention_mask, use_cache=False)
+            model(
+                input_ids=ex.batch.input_ids,
+                attention_mask=ex.batch.attention_mask,
+                use_cache=False,
+            )
         out = tr.output
         ex.hidden = first_tensor(out).detach()
         return cls(first, 0 if isinstance(out, torch.Tensor) else len(out))
 
 
-def top_hidden(model: nn.Module, arch: ModelArch, ex: ExampleBatch, cache: HiddenCache | None) -> torch.Tensor:
+def top_hidden(
+    model: nn.Module, arch: ModelArch, ex: ExampleBatch, cache: HiddenCache | None
+) -> torch.Tensor:
     """The last block's output for the rows of ``ex`` (lower blocks skipped when cached)."""
     ctx = (
         start_at_block(model, arch, cache.first, ex.hidden, cache.tuple_len)
@@ -221,7 +241,9 @@ def top_hidden(model: nn.Module, arch: ModelArch, ex: ExampleBatch, cache: Hidde
     return first_tensor(tr.output)
 
 
-def row_logits(model: nn.Module, arch: ModelArch, hidden: torch.Tensor, row: int, positions: Sequence[int]) -> torch.Tensor:
+def row_logits(
+    model: nn.Module, arch: ModelArch, hidden: torch.Tensor, row: int, positions: Sequence[int]
+) -> torch.Tensor:
     """Float32 logits of ``row`` at ``positions`` (only those go through the unembedding)."""
     return arch.logits_from_hidden(model, hidden[row, list(positions)]).float()
 
@@ -244,7 +266,11 @@ def positions_of(mask_row: torch.Tensor) -> list[int]:
 
 
 def edit_gradient_factors(
-    model: nn.Module, arch: ModelArch, layers: Sequence[int], ex: ExampleBatch, cache: HiddenCache | None
+    model: nn.Module,
+    arch: ModelArch,
+    layers: Sequence[int],
+    ex: ExampleBatch,
+    cache: HiddenCache | None,
 ) -> tuple[Factors, torch.Tensor, float]:
     """Gradient factors of the edit row's target NLL (row 0), the last block's output for all
     rows (detached; for pre-edit references) and the edit row's loss."""

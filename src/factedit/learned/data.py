@@ -51,11 +51,17 @@ def _read_json_list(path: str | Path) -> list[Any]:
         raise TrainingDataError(f"training data file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if path.suffix != ".jsonl" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        data = (
+            json.loads(text)
+            if path.suffix != ".jsonl"
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
     except json.JSONDecodeError as exc:
         raise TrainingDataError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, list):
-        raise TrainingDataError(f"{path} must hold a JSON list of records, found {type(data).__name__}")
+        raise TrainingDataError(
+            f"{path} must hold a JSON list of records, found {type(data).__name__}"
+        )
     if not data:
         raise TrainingDataError(f"{path} holds no records")
     return data
@@ -63,18 +69,24 @@ def _read_json_list(path: str | Path) -> list[Any]:
 
 def _field(rec: Any, key: str, where: str) -> str:
     if not isinstance(rec, dict):
-        raise TrainingDataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+        raise TrainingDataError(
+            f"{where}: a record must be a JSON object, got {type(rec).__name__}"
+        )
     value = rec.get(key)
     if isinstance(value, dict) and "str" in value:
         value = value["str"]
     if isinstance(value, list) and value and isinstance(value[0], str):
         value = value[0]
     if not isinstance(value, str) or not value.strip():
-        raise TrainingDataError(f"{where}: field {key!r} is missing or empty (record keys: {sorted(rec)})")
+        raise TrainingDataError(
+            f"{where}: field {key!r} is missing or empty (record keys: {sorted(rec)})"
+        )
     return value
 
 
-def counterfact_flat_examples(path: str | Path, exclude_subjects: Iterable[str] = ()) -> tuple[list[TrainExample], int]:
+def counterfact_flat_examples(
+    path: str | Path, exclude_subjects: Iterable[str] = ()
+) -> tuple[list[TrainExample], int]:
     """Examples from CounterFact in the flat layout (``prompt, subject, target_new,
     ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth``).
 
@@ -104,7 +116,9 @@ def counterfact_flat_examples(path: str | Path, exclude_subjects: Iterable[str] 
             )
         )
     if not out:
-        raise TrainingDataError(f"{path}: no records left after excluding {dropped} evaluation subject(s)")
+        raise TrainingDataError(
+            f"{path}: no records left after excluding {dropped} evaluation subject(s)"
+        )
     return out, dropped
 
 
@@ -114,7 +128,11 @@ def zsre_examples(path: str | Path) -> list[TrainExample]:
     for n, rec in enumerate(_read_json_list(path)):
         where = f"{Path(path).name} record {n}"
         answers = rec.get("answers") if isinstance(rec, dict) else None
-        old = answers[0] if isinstance(answers, list) and answers and isinstance(answers[0], str) else None
+        old = (
+            answers[0]
+            if isinstance(answers, list) and answers and isinstance(answers[0], str)
+            else None
+        )
         out.append(
             TrainExample(
                 prompt=_field(rec, "src", where),
@@ -150,7 +168,9 @@ def generated_examples(texts: Sequence[str], n: int, seed: int = 0) -> list[Trai
         if 8 <= len(words) <= 60:
             sents.append(words)
     if len(sents) < 3:
-        raise TrainingDataError(f"the corpus has only {len(sents)} usable sentences (8-60 words); need at least 3")
+        raise TrainingDataError(
+            f"the corpus has only {len(sents)} usable sentences (8-60 words); need at least 3"
+        )
     out = []
     for _ in range(n):
         a, b, c, d = (sents[rng.randrange(len(sents))] for _ in range(4))

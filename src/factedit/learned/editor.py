@@ -35,7 +35,9 @@ class ZeroGradientError(ValueError):
 
 def condition_embeddings(model: nn.Module, arch: ModelArch, tok: Any, text: str) -> torch.Tensor:
     """The base model's (frozen) input embeddings of ``text``, ``(tokens, hidden)``."""
-    ids = tok(text, return_tensors="pt")["input_ids"].to(get_module(model, arch.embed).weight.device)
+    ids = tok(text, return_tensors="pt")["input_ids"].to(
+        get_module(model, arch.embed).weight.device
+    )
     with torch.no_grad():
         return get_module(model, arch.embed)(ids)[0].float()
 
@@ -56,7 +58,9 @@ class PreparedRequest:
         the blocks from the first edited one up."""
         hidden = top_hidden(model, arch, self.ex, self.cache)
         b = self.ex.batch
-        return math.exp(-float(nll(row_logits(model, arch, hidden, 0, b.target_positions[0]), b.target_ids[0])))
+        return math.exp(
+            -float(nll(row_logits(model, arch, hidden, 0, b.target_positions[0]), b.target_ids[0]))
+        )
 
 
 @dataclass
@@ -75,21 +79,29 @@ class LearnedEditor:
         """Read an editor file (safetensors + JSON header; no pickle)."""
         header, tensors = read(path)
         if "layers" not in header or header.get("kind") != "editor":
-            raise EditorFileError(f"{path} is not a finished editor (a checkpoint? finish training first)")
+            raise EditorFileError(
+                f"{path} is not a finished editor (a checkpoint? finish training first)"
+            )
         cfg = header["config"]
         shapes = [tuple(s) for s in header["shapes"]]
         net = build_editor(header["family"], shapes, header["embed_dim"], cfg)
         try:
             net.load_state_dict(tensors, strict=True)
         except RuntimeError as exc:
-            raise EditorFileError(f"{path}: tensors do not match the editor described in its header: {exc}") from None
+            raise EditorFileError(
+                f"{path}: tensors do not match the editor described in its header: {exc}"
+            ) from None
         net.eval()
-        return cls(header["family"], header["variant"], list(header["layers"]), net, header, Path(path))
+        return cls(
+            header["family"], header["variant"], list(header["layers"]), net, header, Path(path)
+        )
 
     def param_names(self, arch: ModelArch) -> list[str]:
         return [arch.mlp_out_weight_name(i) for i in self.layers]
 
-    def check_model(self, model: nn.Module, arch: ModelArch, fingerprint: str | None = None) -> None:
+    def check_model(
+        self, model: nn.Module, arch: ModelArch, fingerprint: str | None = None
+    ) -> None:
         """Raise :class:`EditorMismatchError` unless this editor was trained for ``model``.
         ``fingerprint``: the model's :func:`base_fingerprint` over this editor's layers, if
         the caller already computed it."""
@@ -115,16 +127,30 @@ class LearnedEditor:
             )
 
     def compute(
-        self, model: nn.Module, tok: Any, arch: ModelArch, prompt: str, target: str, old: str | None,
+        self,
+        model: nn.Module,
+        tok: Any,
+        arch: ModelArch,
+        prompt: str,
+        target: str,
+        old: str | None,
         min_grad_norm: float = 0.0,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Weight changes (parameter name → dense delta in storage orientation, float32) for
         making ``prompt`` continue with ``target``; the model is not changed."""
-        deltas, diag, _ = self.prepare_and_compute(model, tok, arch, prompt, target, old, min_grad_norm)
+        deltas, diag, _ = self.prepare_and_compute(
+            model, tok, arch, prompt, target, old, min_grad_norm
+        )
         return deltas, diag
 
     def prepare_and_compute(
-        self, model: nn.Module, tok: Any, arch: ModelArch, prompt: str, target: str, old: str | None,
+        self,
+        model: nn.Module,
+        tok: Any,
+        arch: ModelArch,
+        prompt: str,
+        target: str,
+        old: str | None,
         min_grad_norm: float = 0.0,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any], PreparedRequest]:
         """:meth:`compute`, and the :class:`PreparedRequest` that scores the target after the
@@ -135,12 +161,22 @@ class LearnedEditor:
         # and the score after the edit start from their output.
         cache = HiddenCache.fill(model, arch, min(self.layers), ex)
         factors, _, loss = edit_gradient_factors(model, arch, self.layers, ex, cache)
-        deltas, diag = self.from_factors(model, tok, arch, factors, loss, prompt, target, old, min_grad_norm)
+        deltas, diag = self.from_factors(
+            model, tok, arch, factors, loss, prompt, target, old, min_grad_norm
+        )
         return deltas, diag, PreparedRequest(ex, cache)
 
     def from_factors(
-        self, model: nn.Module, tok: Any, arch: ModelArch, factors: Factors, loss: float,
-        prompt: str, target: str, old: str | None, min_grad_norm: float = 0.0,
+        self,
+        model: nn.Module,
+        tok: Any,
+        arch: ModelArch,
+        factors: Factors,
+        loss: float,
+        prompt: str,
+        target: str,
+        old: str | None,
+        min_grad_norm: float = 0.0,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         gnorm = factors.grad_norm()
         if not torch.isfinite(torch.tensor(gnorm)) or gnorm <= min_grad_norm:
@@ -156,5 +192,9 @@ class LearnedEditor:
         with torch.no_grad():
             deltas = self.net(factors, cond)
         out = {n: to_storage(arch, d) for n, d in zip(self.param_names(arch), deltas, strict=True)}
-        diag = {"nll_before": loss, "grad_norm": gnorm, "delta_norms": [float(d.norm()) for d in deltas]}
+        diag = {
+            "nll_before": loss,
+            "grad_norm": gnorm,
+            "delta_norms": [float(d.norm()) for d in deltas],
+        }
         return out, diag

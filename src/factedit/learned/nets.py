@@ -40,12 +40,20 @@ class MENDEditor(nn.Module):
     learned per-layer learning rate.
     """
 
-    def __init__(self, shapes: Sequence[tuple[int, int]], rank: int = 192, n_blocks: int = 2, init_lr: float = 1e-4) -> None:
+    def __init__(
+        self,
+        shapes: Sequence[tuple[int, int]],
+        rank: int = 192,
+        n_blocks: int = 2,
+        init_lr: float = 1e-4,
+    ) -> None:
         super().__init__()
         self.shapes = [tuple(s) for s in shapes]
         self.nets = nn.ModuleDict()
         for out, inp in dict.fromkeys(self.shapes):
-            self.nets[f"{out}x{inp}"] = nn.Sequential(*[_LowRankResidual(out + inp, rank) for _ in range(n_blocks)])
+            self.nets[f"{out}x{inp}"] = nn.Sequential(
+                *[_LowRankResidual(out + inp, rank) for _ in range(n_blocks)]
+            )
         n = len(self.shapes)
         self.scale = nn.ParameterList([nn.Parameter(torch.ones(o + i)) for o, i in self.shapes])
         self.shift = nn.ParameterList([nn.Parameter(torch.zeros(o + i)) for o, i in self.shapes])
@@ -56,7 +64,11 @@ class MENDEditor(nn.Module):
             self.register_buffer(f"count{j}", torch.zeros((), dtype=torch.float64))
 
     def _normalise(self, j: int, z: torch.Tensor) -> torch.Tensor:
-        mean, m2, count = getattr(self, f"mean{j}"), getattr(self, f"m2_{j}"), getattr(self, f"count{j}")
+        mean, m2, count = (
+            getattr(self, f"mean{j}"),
+            getattr(self, f"m2_{j}"),
+            getattr(self, f"count{j}"),
+        )
         if self.training:
             # Chan et al.'s parallel update of the running mean and sum of squares.
             with torch.no_grad():
@@ -91,7 +103,13 @@ class KEEditor(nn.Module):
     fine-tuning gradient scaled to unit RMS.
     """
 
-    def __init__(self, shapes: Sequence[tuple[int, int]], embed_dim: int, hidden: int = 128, init_lr: float = 1e-3) -> None:
+    def __init__(
+        self,
+        shapes: Sequence[tuple[int, int]],
+        embed_dim: int,
+        hidden: int = 128,
+        init_lr: float = 1e-3,
+    ) -> None:
         super().__init__()
         self.shapes = [tuple(s) for s in shapes]
         self.lstm = nn.LSTM(embed_dim, hidden, batch_first=True, bidirectional=True)
@@ -117,15 +135,22 @@ class KEEditor(nn.Module):
             p = self.heads[j](c)
             alpha, beta, gamma, eta = p[:o], p[o : 2 * o], p[2 * o : 2 * o + i], p[2 * o + i :]
             g_hat = g / (g.pow(2).mean().sqrt() + 1e-12)
-            upd = torch.sigmoid(alpha)[:, None] * gamma[None, :] * g_hat + torch.sigmoid(beta)[:, None] * eta[None, :]
+            upd = (
+                torch.sigmoid(alpha)[:, None] * gamma[None, :] * g_hat
+                + torch.sigmoid(beta)[:, None] * eta[None, :]
+            )
             out.append(-self.log_lr[j].exp() * upd)
         return out
 
 
-def build_editor(family: str, shapes: Sequence[tuple[int, int]], embed_dim: int, config: dict) -> nn.Module:
+def build_editor(
+    family: str, shapes: Sequence[tuple[int, int]], embed_dim: int, config: dict
+) -> nn.Module:
     """A fresh editor network of ``family`` (``"mend"`` or ``"ke"``) for layers of ``shapes``."""
     if family == "mend":
-        return MENDEditor(shapes, rank=config["rank"], n_blocks=config["n_blocks"], init_lr=config["init_lr"])
+        return MENDEditor(
+            shapes, rank=config["rank"], n_blocks=config["n_blocks"], init_lr=config["init_lr"]
+        )
     if family == "ke":
         return KEEditor(shapes, embed_dim, hidden=config["rank"], init_lr=config["init_lr"])
     raise ValueError(f"unknown learned editor family {family!r}; use 'mend' or 'ke'")

@@ -83,7 +83,13 @@ class TrainResult:
         return LearnedEditor.load(self.path)
 
 
-def hparams_for(family: str, variant: str, model: nn.Module, arch: ModelArch, overrides: Mapping | LearnedHParams | None) -> LearnedHParams:
+def hparams_for(
+    family: str,
+    variant: str,
+    model: nn.Module,
+    arch: ModelArch,
+    overrides: Mapping | LearnedHParams | None,
+) -> LearnedHParams:
     """Shipped defaults for ``family``/``variant`` on this model, with ``overrides`` applied."""
     if family not in FAMILIES:
         raise ValueError(f"unknown learned editor {family!r}; use one of {FAMILIES}")
@@ -104,7 +110,10 @@ def hparams_for(family: str, variant: str, model: nn.Module, arch: ModelArch, ov
 
 
 def build_examples(
-    variant: str, data: str | Path | Iterable[str] | None, n_needed: int, seed: int,
+    variant: str,
+    data: str | Path | Iterable[str] | None,
+    n_needed: int,
+    seed: int,
     exclude_subjects: Iterable[str] | None = None,
 ) -> tuple[list[TrainExample], dict[str, Any]]:
     """The training examples of ``variant`` and a description of where they came from.
@@ -122,7 +131,9 @@ def build_examples(
                 f"({artifact.train_command('mend', variant).split('--data ')[1]})"
             )
         if not isinstance(data, (str, Path)):
-            raise TrainingDataError(f"the {variant} variant reads a JSON file; got {type(data).__name__}")
+            raise TrainingDataError(
+                f"the {variant} variant reads a JSON file; got {type(data).__name__}"
+            )
         path = Path(data)
         info["source"] = path.name
         if variant == "cf":
@@ -157,21 +168,35 @@ class _Trainer:
         self.layers, self.net, self.train, self.val = layers, net, train, val
         self.device = model_device(model)
         self.progress = progress
-        self.cache: dict[tuple[str, int], tuple[ExampleBatch, HiddenCache | None, torch.Tensor | None]] = {}
+        self.cache: dict[
+            tuple[str, int], tuple[ExampleBatch, HiddenCache | None, torch.Tensor | None]
+        ] = {}
         self.first = min(layers)
 
-    def batch(self, split: str, i: int) -> tuple[ExampleBatch, HiddenCache | None, torch.Tensor | None]:
+    def batch(
+        self, split: str, i: int
+    ) -> tuple[ExampleBatch, HiddenCache | None, torch.Tensor | None]:
         """The example's rows with their lower-block state, computed on first use only."""
         key = (split, i)
         if key not in self.cache:
             ex = (self.train if split == "train" else self.val)[i]
-            rows = [(ex.prompt, ex.target_new), (ex.rephrase, ex.target_new), (ex.loc_prompt, ex.loc_target)]
+            rows = [
+                (ex.prompt, ex.target_new),
+                (ex.rephrase, ex.target_new),
+                (ex.loc_prompt, ex.loc_target),
+            ]
             try:
                 eb = example_batch(self.tok, rows, self.device)
             except ValueError as exc:
-                raise TrainingDataError(f"{split} example {i} ({ex.prompt!r} -> {ex.target_new!r}): {exc}") from None
+                raise TrainingDataError(
+                    f"{split} example {i} ({ex.prompt!r} -> {ex.target_new!r}): {exc}"
+                ) from None
             hc = HiddenCache.fill(self.model, self.arch, self.first, eb)
-            cond = condition_embeddings(self.model, self.arch, self.tok, ex.condition_text()) if self.hp.family == "ke" else None
+            cond = (
+                condition_embeddings(self.model, self.arch, self.tok, ex.condition_text())
+                if self.hp.family == "ke"
+                else None
+            )
             self.cache[key] = (eb, hc, cond)
         return self.cache[key]
 
@@ -205,10 +230,20 @@ class _Trainer:
         }
 
     def validate(self) -> dict[str, float]:
-        figs = [f for i in range(len(self.val)) if (f := self.losses("val", i, train=False)) is not None]
+        figs = [
+            f for i in range(len(self.val)) if (f := self.losses("val", i, train=False)) is not None
+        ]
         if not figs:
-            return {"edit_acc": 0.0, "rephrase_acc": 0.0, "locality": 0.0, "val_loss": math.inf, "score": 0.0}
-        out = {k: sum(f[k] for f in figs) / len(figs) for k in ("edit_acc", "rephrase_acc", "locality")}
+            return {
+                "edit_acc": 0.0,
+                "rephrase_acc": 0.0,
+                "locality": 0.0,
+                "val_loss": math.inf,
+                "score": 0.0,
+            }
+        out = {
+            k: sum(f[k] for f in figs) / len(figs) for k in ("edit_acc", "rephrase_acc", "locality")
+        }
         out["val_loss"] = sum(float(f["loss"]) for f in figs) / len(figs)
         out["score"] = (out["edit_acc"] + out["rephrase_acc"] + out["locality"]) / 3
         return out
@@ -266,16 +301,24 @@ def train_editor(
     arch = describe(model)
     over = dict(hparams) if isinstance(hparams, Mapping) else hparams
     if steps is not None:
-        over = (over.replace(steps=steps) if isinstance(over, LearnedHParams) else {**(over or {}), "steps": steps})
+        over = (
+            over.replace(steps=steps)
+            if isinstance(over, LearnedHParams)
+            else {**(over or {}), "steps": steps}
+        )
     hp = hparams_for(family, variant, model, arch, over)
     layers = resolve_layers(arch, hp.layers)
     param_names = [arch.mlp_out_weight_name(i) for i in layers]
     shapes = layer_shapes(model, arch, layers)
     base_fp = artifact.base_fingerprint(model, arch, param_names)
 
-    examples, data_info = build_examples(variant, data, hp.max_examples + hp.val_size, hp.seed, exclude_subjects)
+    examples, data_info = build_examples(
+        variant, data, hp.max_examples + hp.val_size, hp.seed, exclude_subjects
+    )
     if len(examples) < hp.val_size + 1:
-        raise TrainingDataError(f"{len(examples)} examples are too few for a validation split of {hp.val_size}")
+        raise TrainingDataError(
+            f"{len(examples)} examples are too few for a validation split of {hp.val_size}"
+        )
     data_fp = examples_fingerprint(examples)
     order = list(range(len(examples)))
     random.Random(hp.seed).shuffle(order)
@@ -285,7 +328,11 @@ def train_editor(
     key = _key(artifact.FORMAT_VERSION, family, variant, base_fp, data_fp, config, param_names)
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = Path(out) if out is not None else artifact.artifact_path(root, family, variant, base_fp, key)
+    path = (
+        Path(out)
+        if out is not None
+        else artifact.artifact_path(root, family, variant, base_fp, key)
+    )
     ckpt = path.with_name(path.name + ".ckpt")
     if path.is_file():
         try:
@@ -303,7 +350,9 @@ def train_editor(
         net = build_editor(family, shapes, embed_dim, config).to(model_device(model))
     lr_params = [p for n, p in net.named_parameters() if n == "log_lr"]
     other = [p for n, p in net.named_parameters() if n != "log_lr"]
-    opt = torch.optim.Adam([{"params": other, "lr": hp.meta_lr}, {"params": lr_params, "lr": hp.lr_lr}])
+    opt = torch.optim.Adam(
+        [{"params": other, "lr": hp.meta_lr}, {"params": lr_params, "lr": hp.lr_lr}]
+    )
 
     start, curve, best_score, best_step, bad, skipped = 0, [], -1.0, 0, 0, 0
     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -318,7 +367,12 @@ def train_editor(
             best_state = {k[5:]: v for k, v in ck.items() if k.startswith("best.")}
             _load_opt(opt, ck)
             start, curve = ck_header["step"], ck_header["curve"]
-            best_score, best_step, bad, skipped = ck_header["best_score"], ck_header["best_step"], ck_header["bad"], ck_header["skipped"]
+            best_score, best_step, bad, skipped = (
+                ck_header["best_score"],
+                ck_header["best_step"],
+                ck_header["bad"],
+                ck_header["skipped"],
+            )
             log.info("resuming from %s at step %d", ckpt, start)
         else:
             log.warning("checkpoint %s is for other inputs; starting over", ckpt)
@@ -339,7 +393,13 @@ def train_editor(
     step = start
     stopped_early = False
     window: list[float] = []
-    bar = tqdm(total=hp.steps, initial=start, disable=not progress, desc=f"train {family}-{variant}", unit="step")
+    bar = tqdm(
+        total=hp.steps,
+        initial=start,
+        disable=not progress,
+        desc=f"train {family}-{variant}",
+        unit="step",
+    )
     updating = False
     try:
         with frozen_parameters(model):
@@ -377,7 +437,13 @@ def train_editor(
                 bar.update(1)
                 if step % hp.eval_every == 0 or step == hp.steps:
                     v = trainer.validate()
-                    curve.append({"step": step, "train_loss": sum(window) / len(window) if window else None, **v})
+                    curve.append(
+                        {
+                            "step": step,
+                            "train_loss": sum(window) / len(window) if window else None,
+                            **v,
+                        }
+                    )
                     window = []
                     if v["score"] > best_score:
                         best_score, best_step, bad = v["score"], step, 0
@@ -392,7 +458,9 @@ def train_editor(
         bar.close()
         if not updating:
             checkpoint(step)
-            raise TrainingInterrupted(f"training interrupted at step {step}; checkpoint {ckpt}; rerun the same command to continue") from None
+            raise TrainingInterrupted(
+                f"training interrupted at step {step}; checkpoint {ckpt}; rerun the same command to continue"
+            ) from None
         raise
     finally:
         bar.close()
@@ -413,7 +481,9 @@ def train_editor(
             "fingerprint": base_fp,
             "model_key": model_key(model, arch),
             "class": type(model).__name__,
-            "name_or_path": model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+            "name_or_path": model_name
+            or getattr(getattr(model, "config", None), "_name_or_path", None)
+            or None,
         },
         "data": {**data_info, "fingerprint": data_fp, "train": len(train), "val": len(val)},
         "curve": curve,

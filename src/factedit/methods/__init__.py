@@ -49,7 +49,17 @@ def _methods() -> dict[str, type[EditMethod]]:
     from .memit import MEMIT
     from .rome import ROME
 
-    classes: list[type[EditMethod]] = [ROME, FT, FTL, FTAttnEdit, KN, MEMIT, AlphaEdit, EMMET, *LEARNED_METHODS]
+    classes: list[type[EditMethod]] = [
+        ROME,
+        FT,
+        FTL,
+        FTAttnEdit,
+        KN,
+        MEMIT,
+        AlphaEdit,
+        EMMET,
+        *LEARNED_METHODS,
+    ]
     return {c.name: c for c in classes}
 
 
@@ -73,11 +83,16 @@ def get_method(name: str) -> EditMethod:
             f"{name!r} (a hypernetwork editor) is not available in factedit yet; "
             f"available methods: {', '.join(sorted(methods))}"
         )
-    raise MethodNotAvailableError(f"unknown editing method {name!r}; available: {', '.join(sorted(methods))}")
+    raise MethodNotAvailableError(
+        f"unknown editing method {name!r}; available: {', '.join(sorted(methods))}"
+    )
 
 
 def resolve_hparams(
-    method: EditMethod, model: nn.Module, hparams: HParams | Mapping | str | Path | None, arch: ModelArch
+    method: EditMethod,
+    model: nn.Module,
+    hparams: HParams | Mapping | str | Path | None,
+    arch: ModelArch,
 ) -> HParams:
     """``None`` → shipped per-model defaults; a dict → overrides of those; a path → a file."""
     cls = method.hparams_class
@@ -105,8 +120,7 @@ def unknown_fields_message(method: str, cls_name: str, unknown: list[str], valid
     ]
     hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
     return (
-        f"unknown {cls_name} field(s) {unknown}{hint}; valid fields of {method}: "
-        f"{', '.join(valid)}"
+        f"unknown {cls_name} field(s) {unknown}{hint}; valid fields of {method}: {', '.join(valid)}"
     )
 
 
@@ -156,7 +170,9 @@ def edit(
     editor = WeightEditor(model)
     timings: dict[str, float] = {}
     try:
-        diagnostics = impl.execute(model, tok, reqs, hp, editor, arch, context or EditContext(), timings)
+        diagnostics = impl.execute(
+            model, tok, reqs, hp, editor, arch, context or EditContext(), timings
+        )
     except BaseException:
         editor.restore()
         raise

@@ -188,7 +188,9 @@ class AlphaEditState:
         if not self.requests:
             self.anchors.clear()
 
-    def _kept_rows(self, parts: list[torch.Tensor], leave_out: Sequence[int]) -> torch.Tensor | None:
+    def _kept_rows(
+        self, parts: list[torch.Tensor], leave_out: Sequence[int]
+    ) -> torch.Tensor | None:
         """A mask over the rows of ``parts`` (one tensor per batch, laid end to end) without the
         rows of the requests at the positions ``leave_out``; ``None`` keeps them all."""
         if not leave_out:
@@ -199,7 +201,9 @@ class AlphaEditState:
         keep[list(leave_out)] = False
         return keep.repeat_interleave(rows // n)
 
-    def gram(self, layer: int, device: torch.device, leave_out: Sequence[int] = ()) -> torch.Tensor | None:
+    def gram(
+        self, layer: int, device: torch.device, leave_out: Sequence[int] = ()
+    ) -> torch.Tensor | None:
         """Σ K_p K_pᵀ over the earlier batches at ``layer`` (float64), or ``None``; without the
         keys of the requests at the positions ``leave_out`` of the batches' requests laid end
         to end."""
@@ -236,7 +240,9 @@ class AlphaEditState:
         k, o = k.to(w.device, torch.float64), o.to(w.device, torch.float64)
         return k.T @ (o - k @ w.T)
 
-    def record_outputs(self, layer: int, weight: torch.Tensor, requests: Sequence[int] | None = None) -> None:
+    def record_outputs(
+        self, layer: int, weight: torch.Tensor, requests: Sequence[int] | None = None
+    ) -> None:
         """Set :attr:`outputs` at ``layer`` from the stored keys and the projection ``weight``
         ``(out, in)``: for the last batch (``requests`` ``None``: its keys' rows appended), or
         for the requests at the positions ``requests`` of the earlier batches laid end to end
@@ -247,12 +253,16 @@ class AlphaEditState:
         if requests is None:
             outs.append(parts[-1] @ w.T)
             return
-        per_request = len(torch.cat(parts)) // sum(len(batch) for batch in self.requests[: len(parts)])
+        per_request = len(torch.cat(parts)) // sum(
+            len(batch) for batch in self.requests[: len(parts)]
+        )
         start = 0
         for b, batch in enumerate(self.requests[: len(parts)]):
             local = [j - start for j in requests if start <= j < start + len(batch)]
             if local:
-                rows = torch.cat([torch.arange(j * per_request, (j + 1) * per_request) for j in local])
+                rows = torch.cat(
+                    [torch.arange(j * per_request, (j + 1) * per_request) for j in local]
+                )
                 outs[b][rows] = parts[b][rows] @ w.T
             start += len(batch)
 
@@ -337,7 +347,9 @@ def alphaedit_delta(
     # total change, γ K_pᵀ E_p for the held outputs. With either, the update is dense.
     pull = None
     if drift is not None and mom2 is not None and mom2_weight > 0:
-        pull = -mom2_weight * (mom2.to(p.device, torch.float64) @ drift.to(p.device, torch.float64).T)
+        pull = -mom2_weight * (
+            mom2.to(p.device, torch.float64) @ drift.to(p.device, torch.float64).T
+        )
     if held_pull is not None and preserved_weight > 0:
         held = preserved_weight * held_pull.to(p.device, torch.float64)
         pull = held if pull is None else pull + held
@@ -350,7 +362,9 @@ def alphaedit_delta(
 
 class AlphaEdit(MEMIT):
     name = "alphaedit"
-    summary = "MEMIT with updates projected onto the null space of preserved keys (sequential editing)"
+    summary = (
+        "MEMIT with updates projected onto the null space of preserved keys (sequential editing)"
+    )
     hparams_class = AlphaEditHParams
 
     def check(self, hparams: AlphaEditHParams, arch: ModelArch) -> None:  # type: ignore[override]
@@ -362,7 +376,9 @@ class AlphaEdit(MEMIT):
         if hparams.repair_prior_rounds < 0:
             raise ValueError(f"repair_prior_rounds must be >= 0, got {hparams.repair_prior_rounds}")
         if hparams.repair_update_weight is not None and hparams.repair_update_weight < 0:
-            raise ValueError(f"repair_update_weight must be >= 0, got {hparams.repair_update_weight}")
+            raise ValueError(
+                f"repair_update_weight must be >= 0, got {hparams.repair_update_weight}"
+            )
 
     def prepare(self, model: nn.Module, tok: Any, hp: AlphaEditHParams, arch: ModelArch,  # type: ignore[override]
                 context: EditContext, mom2: dict[int, torch.Tensor]) -> None:  # fmt: skip
@@ -376,15 +392,25 @@ class AlphaEdit(MEMIT):
         self._held: dict[int, torch.Tensor] = {}
         for layer in hp.layers:
             if hp.penalise_total_change and layer not in self._state.anchors:
-                self._state.anchors[layer] = arch.mlp_out_weight_as_out_in(model, layer).detach().float().cpu().clone()
+                self._state.anchors[layer] = (
+                    arch.mlp_out_weight_as_out_in(model, layer).detach().float().cpu().clone()
+                )
             # Keyed on the statistics tensor too (pinned in the context, so its address is stable).
             key = (layer, hp.nullspace_threshold, mom2[layer].data_ptr())
             if key not in self._state.projectors:
-                self._state.projectors[key] = nullspace_projector(mom2[layer], hp.nullspace_threshold)
+                self._state.projectors[key] = nullspace_projector(
+                    mom2[layer], hp.nullspace_threshold
+                )
             self._projectors[layer] = self._state.projectors[key]
 
     def layer_update(  # type: ignore[override]
-        self, layer: int, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, hp: AlphaEditHParams, arch: ModelArch
+        self,
+        layer: int,
+        keys: torch.Tensor,
+        resid: torch.Tensor,
+        mom2: torch.Tensor,
+        hp: AlphaEditHParams,
+        arch: ModelArch,
     ) -> LowRankDelta | torch.Tensor:
         p = self._projectors[layer]
         gram = self._state.gram(layer, p.device, self._leave_out)
@@ -403,7 +429,11 @@ class AlphaEdit(MEMIT):
         # would trade the requests it pins for what the main write could not give back (the
         # projector keeps it from giving it all); each flag restores that old behaviour.
         total_change = hp.penalise_total_change and (not follow_up or hp.total_change_in_follow_ups)
-        held = hp.hold_prior_outputs and bool(state.requests) and (not follow_up or hp.held_outputs_in_follow_ups)
+        held = (
+            hp.hold_prior_outputs
+            and bool(state.requests)
+            and (not follow_up or hp.held_outputs_in_follow_ups)
+        )
         if total_change:
             # The change so far, this call's earlier writes of the layer included: the penalty
             # is on the weight's whole change since the anchor.
@@ -428,7 +458,9 @@ class AlphaEdit(MEMIT):
         if self._prior_from is not None and layer <= self._prior_from.block:
             self._prior_from = None
         with w.timer("prior_keys"):
-            k, self._prior_from = prior_keys(w, layer, [r for batch in state.requests for r in batch], self._prior_from)
+            k, self._prior_from = prior_keys(
+                w, layer, [r for batch in state.requests for r in batch], self._prior_from
+            )
         rows = [len(batch) for batch in state.requests]
         if w.hparams.prior_keys_per_template:  # type: ignore[attr-defined]
             rows = [n * len(w.templates) for n in rows]

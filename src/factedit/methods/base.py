@@ -83,12 +83,18 @@ class WeightEditor:
             param = get_parameter(self.model, name)  # a clear LookupError for a wrong name
             mat = materialize(delta)
             if tuple(mat.shape) != tuple(param.shape):
-                raise EditError(f"update for {name} has shape {tuple(mat.shape)}, parameter {tuple(param.shape)}")
+                raise EditError(
+                    f"update for {name} has shape {tuple(mat.shape)}, parameter {tuple(param.shape)}"
+                )
             if not torch.isfinite(mat).all():
-                raise NonFiniteUpdateError(f"the update for {name} contains NaN or inf; nothing was changed")
+                raise NonFiniteUpdateError(
+                    f"the update for {name} contains NaN or inf; nothing was changed"
+                )
             dense[name] = mat
         self._undo = (
-            {n: parameter_value(self.model, n).detach().clone() for n in dense} if undoable else None
+            {n: parameter_value(self.model, n).detach().clone() for n in dense}
+            if undoable
+            else None
         )
         with torch.no_grad():
             for name, mat in dense.items():
@@ -176,7 +182,9 @@ class EditResult:
         return save_edit(self, path)
 
 
-def memo_by_identity(memo: dict[str, Any] | None, kind: str, obj: Any, make: Callable[[Any], Any]) -> Any:
+def memo_by_identity(
+    memo: dict[str, Any] | None, kind: str, obj: Any, make: Callable[[Any], Any]
+) -> Any:
     """``make(obj)``, computed once per object while ``memo`` (e.g. :attr:`EditContext.memo`)
     keeps it; ``memo=None`` computes it afresh. Keyed by ``kind`` and ``id(obj)``, with ``obj``
     kept beside the result, so a later object that reuses the id never gets this result."""

@@ -50,7 +50,12 @@ class EMMETHParams(MEMITHParams):
 
 
 def emmet_delta(
-    keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, weight: float, reg: float, arch: ModelArch
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    mom2: torch.Tensor,
+    weight: float,
+    reg: float,
+    arch: ModelArch,
 ) -> LowRankDelta | torch.Tensor:
     """ΔW = R (Kᵀ C₀⁻¹ K + δ I)⁻¹ Kᵀ C₀⁻¹ with C₀ = ``weight``·``mom2``, δ = ``reg``, for keys
     ``(n, in)`` and residuals ``(n, out)``, in float64, in the weight's storage orientation.
@@ -71,11 +76,19 @@ class EMMET(MEMIT):
     def check(self, hparams: EMMETHParams, arch: ModelArch) -> None:  # type: ignore[override]
         super().check(hparams, arch)
         if len(hparams.layers) != 1:
-            raise ValueError(f"EMMET edits one layer; layers must have one entry, got {list(hparams.layers)}")
+            raise ValueError(
+                f"EMMET edits one layer; layers must have one entry, got {list(hparams.layers)}"
+            )
         if hparams.mom2_update_weight <= 0 or hparams.emmet_lambda < 0:
             raise ValueError("mom2_update_weight must be > 0 and emmet_lambda >= 0")
 
     def layer_update(  # type: ignore[override]
-        self, layer: int, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, hp: EMMETHParams, arch: ModelArch
+        self,
+        layer: int,
+        keys: torch.Tensor,
+        resid: torch.Tensor,
+        mom2: torch.Tensor,
+        hp: EMMETHParams,
+        arch: ModelArch,
     ) -> LowRankDelta | torch.Tensor:
         return emmet_delta(keys, resid, mom2, hp.mom2_update_weight, hp.emmet_lambda, arch)

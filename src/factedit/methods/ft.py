@@ -242,7 +242,9 @@ class FT(EditMethod):
     """Fine-tune the MLP output projection of the chosen layer(s), unconstrained."""
 
     name: ClassVar[str] = "ft"
-    summary: ClassVar[str] = "fine-tunes one MLP output projection on the new target (unconstrained)"
+    summary: ClassVar[str] = (
+        "fine-tunes one MLP output projection on the new target (unconstrained)"
+    )
     hparams_class: ClassVar[type[HParams]] = FTHParams
 
     def check(self, hparams: HParams, arch: ModelArch) -> None:
@@ -311,7 +313,9 @@ class FTL(FT):
     """FT with every trained weight kept within ``norm_constraint`` (L-inf) of its original."""
 
     name: ClassVar[str] = "ft-l"
-    summary: ClassVar[str] = "fine-tuning kept within an L-inf ball of radius epsilon around the weights"
+    summary: ClassVar[str] = (
+        "fine-tuning kept within an L-inf ball of radius epsilon around the weights"
+    )
     hparams_class: ClassVar[type[HParams]] = FTLHParams
 
 

@@ -213,7 +213,9 @@ class KN(EditMethod):
     """Knowledge-neuron editing (Dai et al. 2022), see the module docstring."""
 
     name: ClassVar[str] = "kn"
-    summary: ClassVar[str] = "knowledge neurons: integrated-gradients attribution, then edits their value vectors"
+    summary: ClassVar[str] = (
+        "knowledge neurons: integrated-gradients attribution, then edits their value vectors"
+    )
     hparams_class: ClassVar[type[HParams]] = KNHParams
 
     def check(self, hparams: HParams, arch: ModelArch) -> None:

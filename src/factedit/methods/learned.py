@@ -41,7 +41,10 @@ def _load(path: str | Path, memo: dict[str, Any] | None) -> LearnedEditor:
 
 
 def load_editor_for(
-    model: nn.Module, arch: ModelArch, hp: LearnedHParams, cache_root: Path | None,
+    model: nn.Module,
+    arch: ModelArch,
+    hp: LearnedHParams,
+    cache_root: Path | None,
     memo: dict[str, Any] | None = None,
 ) -> LearnedEditor:
     """The editor ``hp`` names (or the cached one for this model), checked against ``model``.
@@ -59,8 +62,12 @@ def load_editor_for(
         names = [arch.mlp_out_weight_name(i) for i in layers]
         fp = artifact.base_fingerprint(model, arch, names)
         name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        model_name = None if not name_or_path or "smollm2" in str(name_or_path).lower() else name_or_path
-        path = artifact.find_editor(cache_root or default_cache_dir(), hp.family, hp.variant, fp, model_name)
+        model_name = (
+            None if not name_or_path or "smollm2" in str(name_or_path).lower() else name_or_path
+        )
+        path = artifact.find_editor(
+            cache_root or default_cache_dir(), hp.family, hp.variant, fp, model_name
+        )
         editor = _load(path, memo)
     if editor.family != hp.family:
         raise artifact.EditorMismatchError(
@@ -103,7 +110,13 @@ class _Learned(EditMethod):
         for req in requests:
             with timer("editor"):
                 deltas, diag, prepared = learned.prepare_and_compute(
-                    model, tok, arch, req.text, req.target_text, req.true_text, hparams.min_grad_norm
+                    model,
+                    tok,
+                    arch,
+                    req.text,
+                    req.target_text,
+                    req.true_text,
+                    hparams.min_grad_norm,
                 )
             # The gradient pass already scored the target on the unedited model: no extra pass.
             before = math.exp(-diag["nll_before"])
@@ -112,7 +125,14 @@ class _Learned(EditMethod):
             with timer("score"):
                 # Only the edited blocks and above changed: they alone run again.
                 after = prepared.target_prob(model, arch)
-            log.info("%s: %s -> %r: p %.4f -> %.4f", self.name, req.subject, req.target_new, before, after)
+            log.info(
+                "%s: %s -> %r: p %.4f -> %.4f",
+                self.name,
+                req.subject,
+                req.target_new,
+                before,
+                after,
+            )
             out.append(
                 {
                     **diag,
@@ -129,7 +149,9 @@ class MEND(_Learned):
     """MEND trained on self-supervised Wikipedia edits."""
 
     name: ClassVar[str] = "mend"
-    summary: ClassVar[str] = "hypernetwork editor (MEND) trained on Wikipedia edits; factedit train mend"
+    summary: ClassVar[str] = (
+        "hypernetwork editor (MEND) trained on Wikipedia edits; factedit train mend"
+    )
     hparams_class: ClassVar[type[HParams]] = MENDHParams
 
 
@@ -140,14 +162,18 @@ class MENDCF(MEND):
 
 class MENDZsRE(MEND):
     name: ClassVar[str] = "mend-zsre"
-    summary: ClassVar[str] = "MEND trained on zsRE question edits; factedit train mend --variant zsre"
+    summary: ClassVar[str] = (
+        "MEND trained on zsRE question edits; factedit train mend --variant zsre"
+    )
 
 
 class KE(_Learned):
     """KnowledgeEditor trained on self-supervised Wikipedia edits."""
 
     name: ClassVar[str] = "ke"
-    summary: ClassVar[str] = "hypernetwork editor (KnowledgeEditor) trained on Wikipedia edits; factedit train ke"
+    summary: ClassVar[str] = (
+        "hypernetwork editor (KnowledgeEditor) trained on Wikipedia edits; factedit train ke"
+    )
     hparams_class: ClassVar[type[HParams]] = KEHParams
 
 

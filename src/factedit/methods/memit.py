@@ -187,7 +187,9 @@ class MEMIT(EditMethod):
             raise ValueError(f"layers must be ascending and distinct, got {layers}")
         bad = [i for i in layers if not 0 <= i < arch.n_layers]
         if bad:
-            raise ValueError(f"layers {bad} out of range: this model has layers 0..{arch.n_layers - 1}")
+            raise ValueError(
+                f"layers {bad} out of range: this model has layers 0..{arch.n_layers - 1}"
+            )
         if hparams.mom2_tokens < 1 or hparams.value_batch_size < 1 or hparams.key_batch_rows < 1:
             raise ValueError("mom2_tokens, value_batch_size and key_batch_rows must be positive")
         if hparams.spread_rounds < 1:
@@ -220,7 +222,9 @@ class MEMIT(EditMethod):
         with timer("probe"):
             before, old_first = probe(model, tok, requests)
         with timer("value"):
-            values, z = compute_targets(model, tok, requests, hparams, arch, templates, old_first, context.progress)
+            values, z = compute_targets(
+                model, tok, requests, hparams, arch, templates, old_first, context.progress
+            )
         layers, top = list(hparams.layers), hparams.layers[-1]
         w = Write(model, tok, hparams, arch, context, editor, mom2, templates, timer)
         written = self.spread(w, requests, z, hparams.spread_rounds)
@@ -238,7 +242,15 @@ class MEMIT(EditMethod):
         with timer("probe"):
             (after, _) = probe(model, tok, requests, old=False)
             _, h_final, _ = keys_and_hidden(
-                model, tok, requests, arch, None, top, ["{}"], hparams.key_batch_rows, resume=top_from
+                model,
+                tok,
+                requests,
+                arch,
+                None,
+                top,
+                ["{}"],
+                hparams.key_batch_rows,
+                resume=top_from,
             )
         diagnostics = []
         for j, v in enumerate(values):
@@ -248,7 +260,9 @@ class MEMIT(EditMethod):
                     "layers": layers,
                     "target_prob_before": before[j],
                     "target_prob_after": after[j],
-                    "z_error": float((z[j] - h_final[j]).norm() / max(float(v.delta.norm()), 1e-12)),
+                    "z_error": float(
+                        (z[j] - h_final[j]).norm() / max(float(v.delta.norm()), 1e-12)
+                    ),
                     "retried": sum(j in f for f in retried),
                 }
             )
@@ -322,13 +336,19 @@ class MEMIT(EditMethod):
                     assert key_from is not None and top_from is not None
                     with w.timer("key"):
                         # The change as applied (in the weight's dtype), not as computed.
-                        change = arch.mlp_out_weight_as_out_in(w.model, layer).detach().float() - before
+                        change = (
+                            arch.mlp_out_weight_as_out_in(w.model, layer).detach().float() - before
+                        )
                         key_from, top_from = key_from.carried(change), top_from.carried(change)
                 layer_info.append({"layer": layer, "resid_norm": float(resid.norm(dim=1).mean())})
         return Spread(layer_info, top_from, read)
 
     def retry(
-        self, w: Write, requests: list[EditRequest], old_first: list[int | None], among: list[int] | None = None
+        self,
+        w: Write,
+        requests: list[EditRequest],
+        old_first: list[int | None],
+        among: list[int] | None = None,
     ) -> list[int]:
         """One retry round (see ``retry_rounds``) after :meth:`spread` wrote ``requests``: returns
         the indices of the requests that did not hold on the model as edited so far, checking
@@ -366,7 +386,13 @@ class MEMIT(EditMethod):
         batch's main write."""
 
     def layer_update(
-        self, layer: int, keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, hp: MEMITHParams, arch: ModelArch
+        self,
+        layer: int,
+        keys: torch.Tensor,
+        resid: torch.Tensor,
+        mom2: torch.Tensor,
+        hp: MEMITHParams,
+        arch: ModelArch,
     ) -> LowRankDelta | torch.Tensor:
         """ΔW = R Kᵀ (λ·E[kkᵀ] + K Kᵀ)⁻¹ in the weight's storage orientation."""
         return memit_delta(keys, resid, mom2, hp.mom2_update_weight, arch)
@@ -389,7 +415,12 @@ class MEMIT(EditMethod):
 
 
 def base_stats(
-    model: nn.Module, tok: Any, layers: list[int], arch: ModelArch, context: EditContext, tokens: int
+    model: nn.Module,
+    tok: Any,
+    layers: list[int],
+    arch: ModelArch,
+    context: EditContext,
+    tokens: int,
 ) -> dict[int, torch.Tensor]:
     """E[kkᵀ] of each layer, pinned in ``context.memo`` to the base model.
 
@@ -415,10 +446,14 @@ def base_stats(
 
 
 @torch.no_grad()
-def probe(model: nn.Module, tok: Any, requests: list[EditRequest], old: bool = True) -> tuple[list[float], list[int | None]]:
+def probe(
+    model: nn.Module, tok: Any, requests: list[EditRequest], old: bool = True
+) -> tuple[list[float], list[int | None]]:
     """P(new target) after each request's prompt, and (with ``old``) the token the new target
     must beat: ``target_true``'s first token, else the model's own first choice."""
-    scores = target_token_scores(model, tok, [r.text for r in requests], [r.target_text for r in requests])
+    scores = target_token_scores(
+        model, tok, [r.text for r in requests], [r.target_text for r in requests]
+    )
     probs = [float(s.logprobs.sum().exp()) for s in scores]
     if not old:
         return probs, []
@@ -442,15 +477,23 @@ def holds(model: nn.Module, tok: Any, requests: list[EditRequest]) -> list[bool]
     prompts = [r.text for r in requests]
     new = target_token_scores(model, tok, prompts, [r.target_text for r in requests])
     with_true = [j for j, r in enumerate(requests) if r.true_text is not None]
-    true = target_token_scores(model, tok, [prompts[j] for j in with_true], [str(requests[j].true_text) for j in with_true])
-    out = [bool(s.argmax[0] == encode_target(tok, r.target_text)[0]) for r, s in zip(requests, new, strict=True)]
+    true = target_token_scores(
+        model, tok, [prompts[j] for j in with_true], [str(requests[j].true_text) for j in with_true]
+    )
+    out = [
+        bool(s.argmax[0] == encode_target(tok, r.target_text)[0])
+        for r, s in zip(requests, new, strict=True)
+    ]
     for j, s in zip(with_true, true, strict=True):
         out[j] = float(new[j].logprobs.mean()) > float(s.logprobs.mean())
     return out
 
 
 def failing_targets(
-    w: Write, requests: list[EditRequest], check: list[int], old_first: list[int | None] | None = None
+    w: Write,
+    requests: list[EditRequest],
+    check: list[int],
+    old_first: list[int | None] | None = None,
 ) -> tuple[list[int], torch.Tensor | None]:
     """Of ``requests`` at the indices ``check``, those whose new target does not win on the
     model as it is (:func:`holds`), and their target states z (:func:`compute_targets`)
@@ -469,7 +512,9 @@ def failing_targets(
     else:
         firsts = [old_first[j] for j in failed]
     with w.timer("value"):
-        _, z = compute_targets(w.model, w.tok, sub, w.hparams, w.arch, w.templates, firsts, w.context.progress)
+        _, z = compute_targets(
+            w.model, w.tok, sub, w.hparams, w.arch, w.templates, firsts, w.context.progress
+        )
     return failed, z
 
 
@@ -508,7 +553,9 @@ def compute_targets(
     # z: the top block's output with δ added at its MLP output (for Llama-style blocks simply
     # h_top + δ; measured, so blocks with a norm after the MLP are right too).
     delta = torch.stack([v.delta for v in values])
-    _, z, _ = keys_and_hidden(model, tok, requests, arch, None, top, ["{}"], hp.key_batch_rows, shift=delta)
+    _, z, _ = keys_and_hidden(
+        model, tok, requests, arch, None, top, ["{}"], hp.key_batch_rows, shift=delta
+    )
     assert z is not None
     return values, z
 
@@ -532,7 +579,9 @@ class BlockInputs:
         ``carry=True``). Exact where the projection's output is added to the residual stream
         as it is (see :func:`update_adds_to_residual`); the acts are dropped."""
         if self.acts is None:
-            raise ValueError("these block inputs were recorded without the projection inputs (carry=False)")
+            raise ValueError(
+                "these block inputs were recorded without the projection inputs (carry=False)"
+            )
         chunks = []
         for chunk, act in zip(self.chunks, self.acts, strict=True):
             h = first_tensor(chunk)
@@ -582,7 +631,9 @@ def keys_and_hidden(
     per_chunk = max(1, batch_rows // n_t)
     start = resume.block if resume is not None else 0
     if record is not None and record < start:
-        raise ValueError(f"cannot record the input of block {record} in a pass starting at block {start}")
+        raise ValueError(
+            f"cannot record the input of block {record} in a pass starting at block {start}"
+        )
     names = []
     if layer is not None:
         names.append(arch.mlp_out_name(layer))
@@ -614,7 +665,10 @@ def keys_and_hidden(
         b = build_rows(tok, part, templates, [], [None] * len(part))
         # Only the subject's last token (column ``split`` of every row) is read and the model is
         # causal: the columns after it (the rest of the prompt, the target) are not computed.
-        ids, mask = b.input_ids[:, : b.split + 1].to(device), b.attention_mask[:, : b.split + 1].to(device)
+        ids, mask = (
+            b.input_ids[:, : b.split + 1].to(device),
+            b.attention_mask[:, : b.split + 1].to(device),
+        )
         cur["ids"], cur["pos"] = ids, b.subject_pos
         if shift is not None:
             cur["shift"] = shift[s : s + per_chunk].repeat_interleave(n_t, dim=0)
@@ -656,22 +710,30 @@ def update_adds_to_residual(model: nn.Module, tok: Any, arch: ModelArch, layer: 
             if name != out_name or shift is None:
                 return output
             flat = first_tensor(output)
-            return with_first_tensor(output, flat + shift.to(flat.device, flat.dtype).view(flat.shape))
+            return with_first_tensor(
+                output, flat + shift.to(flat.device, flat.dtype).view(flat.shape)
+            )
 
         with TraceDict(model, [out_name, block_name], stop=True, edit_output=add) as td:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-        return first_tensor(td[out_name].output).float(), first_tensor(td[block_name].output).float()
+        return first_tensor(td[out_name].output).float(), first_tensor(
+            td[block_name].output
+        ).float()
 
     projected, plain = block_output(None)
     gen = torch.Generator().manual_seed(0)
-    shift = (torch.randn(projected.shape, generator=gen) * float(projected.std())).to(projected.device)
+    shift = (torch.randn(projected.shape, generator=gen) * float(projected.std())).to(
+        projected.device
+    )
     _, shifted = block_output(shift)
     expected = shift.view(plain.shape)
     scale = float(plain.abs().max()) + float(expected.abs().max())
     return bool(torch.allclose(shifted - plain, expected, rtol=0.0, atol=1e-3 * scale))
 
 
-def as_weight_delta(left_out: torch.Tensor, right_in: torch.Tensor, arch: ModelArch) -> LowRankDelta | torch.Tensor:
+def as_weight_delta(
+    left_out: torch.Tensor, right_in: torch.Tensor, arch: ModelArch
+) -> LowRankDelta | torch.Tensor:
     """``left_out @ right_in.T`` (``(out, n)`` and ``(in, n)``) in the projection weight's storage
     orientation, as factors when that is smaller than the dense matrix."""
     left_out, right_in = left_out.float().contiguous(), right_in.float().contiguous()

@@ -143,13 +143,17 @@ class ROME(EditMethod):
         if hparams.key_mode not in ("mean", "each", "min"):
             raise ValueError(f"key_mode must be 'mean', 'each' or 'min', got {hparams.key_mode!r}")
         if not 0 <= hparams.layer < arch.n_layers:
-            raise ValueError(f"ROME layer {hparams.layer} out of range: this model has layers 0..{arch.n_layers - 1}")
+            raise ValueError(
+                f"ROME layer {hparams.layer} out of range: this model has layers 0..{arch.n_layers - 1}"
+            )
         if hparams.mom2_tokens < 1:
             raise ValueError("mom2_tokens must be positive")
         if hparams.efficacy_retries < 0:
             raise ValueError("efficacy_retries must be >= 0")
         if not 0.0 <= hparams.efficacy_min_prob < 1.0:
-            raise ValueError(f"efficacy_min_prob must be in [0, 1), got {hparams.efficacy_min_prob}")
+            raise ValueError(
+                f"efficacy_min_prob must be in [0, 1), got {hparams.efficacy_min_prob}"
+            )
         check_value_hparams(hparams)
 
     def execute(
@@ -221,7 +225,15 @@ def _edit_one(
     cfg = ValueConfig.from_hparams(hp)
     with timer("value"):
         (values,) = optimize_values(
-            model, tok, [request], arch, hp.layer, templates, cfg, old_first=[old_first], progress=context.progress
+            model,
+            tok,
+            [request],
+            arch,
+            hp.layer,
+            templates,
+            cfg,
+            old_first=[old_first],
+            progress=context.progress,
         )
     name = arch.mlp_out_weight_name(hp.layer)
     attempts, steps, update_hp = 0, values.steps, hp
@@ -235,7 +247,12 @@ def _edit_one(
             break
         attempts += 1
         editor.undo_last()
-        log.info("ROME: %r does not hold over %r yet (%s); retrying", request.target_text, old_text, check)
+        log.info(
+            "ROME: %r does not hold over %r yet (%s); retrying",
+            request.target_text,
+            old_text,
+            check,
+        )
         if update_hp.key_mode in ("mean", "min") and not hp.original_key_bug:
             # The mean-key update scales the shift by uᵀkᵢ/uᵀk* at each prompt, which can be
             # far below 1 at the bare prompt: give every optimised key the full shift instead
@@ -291,7 +308,12 @@ def _edit_one(
 
 @torch.no_grad()
 def _efficacy(
-    model: nn.Module, tok: Any, request: EditRequest, templates: list[str], old_text: str | None, min_prob: float = 0.0
+    model: nn.Module,
+    tok: Any,
+    request: EditRequest,
+    templates: list[str],
+    old_text: str | None,
+    min_prob: float = 0.0,
 ) -> dict[str, Any]:
     """Does the new target beat the old one on the request prompt (mean per-token
     log-probability, as CounterFact's ES), and does it reach ``min_prob`` there (``holds``)?
@@ -315,7 +337,9 @@ def _efficacy(
 # ---- context templates -------------------------------------------------------------------
 
 
-def context_templates(model: nn.Module, tok: Any, hparams: ROMEHParams, context: EditContext) -> list[str]:
+def context_templates(
+    model: nn.Module, tok: Any, hparams: ROMEHParams, context: EditContext
+) -> list[str]:
     """``["{}"]`` plus generated prefixes ``"<text>. {}"``, seeded and cached on disk (and in
     ``context.memo``).
 
@@ -359,24 +383,39 @@ def context_templates(model: nn.Module, tok: Any, hparams: ROMEHParams, context:
 
 @torch.no_grad()
 def compute_key(
-    model: nn.Module, tok: Any, request: EditRequest, arch: ModelArch, layer: int, templates: list[str]
+    model: nn.Module,
+    tok: Any,
+    request: EditRequest,
+    arch: ModelArch,
+    layer: int,
+    templates: list[str],
 ) -> torch.Tensor:
     """The projection input at the subject's last token for each prefixed prompt, ``(n, d)``
     in template order (k* is their mean; template ``"{}"`` gives the bare prompt's key)."""
     b = build_rows(tok, [request], templates, [], [None])
     device = model_device(model)
-    with Trace(model, arch.mlp_out_name(layer), retain_input=True, retain_output=False, stop=True) as tr:
-        model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+    with Trace(
+        model, arch.mlp_out_name(layer), retain_input=True, retain_output=False, stop=True
+    ) as tr:
+        model(
+            input_ids=b.input_ids.to(device),
+            attention_mask=b.attention_mask.to(device),
+            use_cache=False,
+        )
     x = as_batch_seq(tr.input, *b.input_ids.shape)
     return x[torch.arange(len(templates), device=x.device), b.subject_pos.to(x.device)].float()
 
 
-def mom2_solver(mom2: torch.Tensor, memo: dict[str, Any] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def mom2_solver(
+    mom2: torch.Tensor, memo: dict[str, Any] | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``b ↦ C⁻¹ b`` in float64 for the second moment ``C = mom2`` (``b`` a vector or columns),
     through C's LU factorisation, computed once per statistics tensor when a ``memo`` (e.g.
     :attr:`EditContext.memo`, which also holds that tensor) keeps it: a 1,536² factorisation
     in float64 is ~35 ms, done for every update otherwise."""
-    lu, pivots = memo_by_identity(memo, "rome/mom2-lu", mom2, lambda c: torch.linalg.lu_factor(c.to(torch.float64)))
+    lu, pivots = memo_by_identity(
+        memo, "rome/mom2-lu", mom2, lambda c: torch.linalg.lu_factor(c.to(torch.float64))
+    )
 
     def solve(b: torch.Tensor) -> torch.Tensor:
         b = b.to(lu.device, torch.float64)
@@ -412,8 +451,14 @@ def rome_delta(
             kk = keys.to(mom2.device, torch.float64) if mom2 is not None else keys.double()
             cinv_k = solve(kk.T) if solve is not None else kk.T  # (d, n)
             gram = kk @ cinv_k
-            ridge = 1e-6 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-            alpha = torch.linalg.solve(gram + ridge, torch.ones(len(gram), dtype=gram.dtype, device=gram.device))
+            ridge = (
+                1e-6
+                * gram.diagonal().mean()
+                * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+            )
+            alpha = torch.linalg.solve(
+                gram + ridge, torch.ones(len(gram), dtype=gram.dtype, device=gram.device)
+            )
             left_in = (cinv_k @ alpha).float()
         else:
             u = solve(k_star) if solve is not None else k_star.double()
@@ -444,6 +489,15 @@ def compute_rome_update(
     """
     keys = compute_key(model, tok, request, arch, hparams.layer, templates)
     (values,) = optimize_values(
-        model, tok, [request], arch, hparams.layer, templates, ValueConfig.from_hparams(hparams, margin=None)
+        model,
+        tok,
+        [request],
+        arch,
+        hparams.layer,
+        templates,
+        ValueConfig.from_hparams(hparams, margin=None),
     )
-    return rome_delta(keys, templates, values.delta, mom2, hparams, arch), {**values.info(), "layer": hparams.layer}
+    return rome_delta(keys, templates, values.delta, mom2, hparams, arch), {
+        **values.info(),
+        "layer": hparams.layer,
+    }

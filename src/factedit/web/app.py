@@ -66,10 +66,15 @@ def create_app(state: ServerState, *, loopback_only: bool = True) -> FastAPI:
     async def security_headers(request: Request, call_next: Any) -> Any:
         host = request.headers.get("host", "")
         if loopback_only and _host_name(host) not in LOOPBACK_NAMES:
-            return JSONResponse({"error": f"this server answers only to 127.0.0.1/localhost, not {host!r}"}, status_code=403)
+            return JSONResponse(
+                {"error": f"this server answers only to 127.0.0.1/localhost, not {host!r}"},
+                status_code=403,
+            )
         origin = request.headers.get("origin")
         if request.method not in ("GET", "HEAD") and origin and urlsplit(origin).netloc != host:
-            return JSONResponse({"error": f"requests from {origin} are not accepted"}, status_code=403)
+            return JSONResponse(
+                {"error": f"requests from {origin} are not accepted"}, status_code=403
+            )
         response = await call_next(request)
         for k, v in SECURITY_HEADERS.items():
             response.headers.setdefault(k, v)

@@ -365,7 +365,9 @@ class ServerState:
             self._start(job)
             job.total = 4
             job.phase = "target probability and generations before the edit"
-            p_before = float(target_prob(self.model, self.tok, [request.text], [request.target_text])[0])
+            p_before = float(
+                target_prob(self.model, self.tok, [request.text], [request.target_text])[0]
+            )
             before = self._generate(prompts, max_new_tokens)
             job.done, job.phase = 1, f"editing with {method}"
             t0 = time.perf_counter()
@@ -377,7 +379,9 @@ class ServerState:
             seconds = time.perf_counter() - t0
             try:
                 job.done, job.phase = 2, "target probability and generations after the edit"
-                p_after = float(target_prob(self.model, self.tok, [request.text], [request.target_text])[0])
+                p_after = float(
+                    target_prob(self.model, self.tok, [request.text], [request.target_text])[0]
+                )
                 after = generate(self.model, self.tok, prompts, max_new_tokens=max_new_tokens)
                 job.done, job.phase = 3, "recording the edit"
                 entry = EditEntry(
@@ -407,8 +411,11 @@ class ServerState:
             "seconds": seconds,
             "timings": _plain(result.timings),
             "generations": [
-                {"prompt": p, "original": b[len(p) :] if b.startswith(p) else b,
-                 "edited": a[len(p) :] if a.startswith(p) else a}
+                {
+                    "prompt": p,
+                    "original": b[len(p) :] if b.startswith(p) else b,
+                    "edited": a[len(p) :] if a.startswith(p) else a,
+                }
                 for p, b, a in zip(prompts, before, after, strict=True)
             ],  # fmt: skip
         }
@@ -502,15 +509,17 @@ class ServerState:
         return {
             "prompt": prompt,
             "edits_in_place": n_edits,
-            "rows": [
-                {"layer": r.layer, "tokens": r.tokens, "probs": r.probs} for r in rows
-            ],
+            "rows": [{"layer": r.layer, "tokens": r.tokens, "probs": r.probs} for r in rows],
         }
 
     def generate(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """Greedy continuations of prompts by the model as it is now."""
         raw = payload.get("prompts")
-        if not isinstance(raw, list) or not raw or not all(isinstance(p, str) and p.strip() for p in raw):
+        if (
+            not isinstance(raw, list)
+            or not raw
+            or not all(isinstance(p, str) and p.strip() for p in raw)
+        ):
             raise WebInputError("prompts must be a non-empty list of non-empty texts")
         if len(raw) > MAX_TEST_PROMPTS:
             raise WebInputError(f"at most {MAX_TEST_PROMPTS} prompts, got {len(raw)}")
@@ -582,8 +591,13 @@ class ServerState:
             "subject_range": list(first.subject_range),
             "edits_in_place": n_edits,
             "kinds": [
-                {"kind": r.kind, "window": r.window, "image": images[r.kind],
-                 "grid": r.grid.tolist(), "layers": r.layers}
+                {
+                    "kind": r.kind,
+                    "window": r.window,
+                    "image": images[r.kind],
+                    "grid": r.grid.tolist(),
+                    "layers": r.layers,
+                }
                 for r in results
             ],  # fmt: skip
         }
@@ -643,4 +657,6 @@ def _plain(value: Any) -> Any:
     """JSON-ready copy of diagnostics/timings (tensors and numpy scalars to numbers)."""
     import json
 
-    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    return json.loads(
+        json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    )
