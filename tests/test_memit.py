@@ -38,6 +38,11 @@ REQUESTS = [
 ]
 # Small budgets so the tests stay short; the shipped defaults are measured in bench/.
 SMALL = {"layers": [4, 5], "context_templates": [[5, 2]], "v_num_grad_steps": 12}
+# AlphaEdit as one write per batch (the shipped defaults before stop 49, with no retries,
+# repairs, total-change penalty, held outputs or repeat penalty): the tests of one mechanism
+# start from it and turn on only what they test.
+ONE_WRITE = {"mom2_update_weight": 150.0, "retry_rounds": 0, "penalise_total_change": False,
+             "hold_prior_outputs": False, "repair_prior_rounds": 0, "repeat_factor": 0.0}  # fmt: skip
 
 
 def p_new(model, tok, reqs) -> list[float]:
@@ -200,7 +205,7 @@ def test_alphaedit_holds_earlier_edits_to_the_outputs_their_batch_left(model, to
 
     first = [EditRequest.from_any(r) for r in REQUESTS[:2]]
     second = [EditRequest.from_any(r) for r in REQUESTS[2:]]
-    hp = {**SMALL, "v_num_grad_steps": 20, "nullspace_threshold": 0.05, "l2": 1.0}
+    hp = {**SMALL, **ONE_WRITE, "v_num_grad_steps": 20, "nullspace_threshold": 0.05, "l2": 1.0}
     outcome = {}
     try:
         for hold in (False, True):
@@ -629,7 +634,7 @@ def test_alphaedit_held_outputs_pull_in_the_main_write_only(
 
     monkeypatch.setattr(AlphaEditState, "held_outputs_pull", counting)
     first, second = REQUESTS[:2], REQUESTS[2:]
-    hp = {**SMALL, "v_num_grad_steps": 20, "nullspace_threshold": 0.05, "l2": 1.0, "mom2_update_weight": 2000.0,
+    hp = {**SMALL, **ONE_WRITE, "v_num_grad_steps": 20, "nullspace_threshold": 0.05, "l2": 1.0, "mom2_update_weight": 2000.0,
           "penalise_total_change": True, "hold_prior_outputs": True, "retry_rounds": 1}  # fmt: skip
     runs = {}
     try:
@@ -672,7 +677,9 @@ def test_alphaedit_session_keeps_first_batch_reverts_and_saves(
 ):
     first, second = REQUESTS[:2], REQUESTS[2:]
     before = p_new(model, tok, REQUESTS)
-    session = EditSession(model, tok, method="alphaedit", hparams=SMALL)
+    # The shipped defaults: the second batch's retries, repair and held outputs are part of its
+    # write, so reverting it must put back exactly the weights the first batch left.
+    session = EditSession(model, tok, method="alphaedit")
     try:
         session.apply(first)
         after_first = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -687,6 +694,7 @@ def test_alphaedit_session_keeps_first_batch_reverts_and_saves(
             assert a > 2 * b, f"request {i}: {b:.4f} -> {a:.4f}"
         for pf, pa in zip(p_first, p_all[:2], strict=True):
             assert pa > 0.5 * pf
+        assert holds(model, tok, [EditRequest.from_any(r) for r in first]) == [True, True]
         logits_edited = model(**tok(["The Eiffel Tower is located in"], return_tensors="pt")).logits
         path = session.save(tmp_path / "session.safetensors")
 
@@ -786,7 +794,7 @@ def test_alphaedit_repairs_earlier_edits_that_no_longer_hold(model, tok, pristin
 
     first = [EditRequest.from_any(r) for r in REQUESTS[:2]]
     second = [EditRequest.from_any(r) for r in REQUESTS[2:]]
-    hp = {**SMALL, "v_num_grad_steps": 20}
+    hp = {**SMALL, **ONE_WRITE, "v_num_grad_steps": 20}
     outcome = {}
     try:
         for rounds in (0, 1):
