@@ -941,6 +941,8 @@ def test_batch_evaluation_sequential_measures_all_at_the_end(
     res = read_results(out)
     assert res.config["batch_size"] == 1 and res.config["sequential"] is True
     assert [c["case_id"] for c in res.cases] == [c.case_id for c in cases]
+    # Without generations the header says so rather than naming a sample that was not measured.
+    assert "no generations" in res.header["notes"][0], res.header["notes"]
     assert summary.n_cases == 2
     # Both edits were measured on the model holding both: each rewrite now prefers the new target.
     assert summary.post["ES"].mean > summary.pre["ES"].mean
@@ -985,6 +987,7 @@ def test_batch_evaluation_generates_for_the_sample_across_cases(
     assert_weights_equal(model, pristine_state)
     res = read_results(tmp_path / "a.jsonl")
     with_gen = {c["case_id"] for c in res.cases if "GE" in c["pre"]}
+    assert "GE/RS on a fixed sample of 2 cases" in res.header["notes"][0], res.header["notes"]
     assert with_gen == sample and all(
         "GE" in c["post"] for c in res.cases if c["case_id"] in sample
     )

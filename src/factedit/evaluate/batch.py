@@ -138,8 +138,13 @@ def run_batch_evaluation(
             raise ConfigMismatchError(out, config_differences(existing.config, cfg))
     if existing.header is None:
         out.parent.mkdir(parents=True, exist_ok=True)
+        gen_note = (
+            f"GE/RS on a fixed sample of {gen_sample} cases"
+            if config.generation and gen_sample > 0
+            else "no generations (GE/RS not measured)"
+        )
         notes = [f"mass editing: batches of {batch_size}" + (", applied sequentially" if config.sequential else "")
-                 + f"; GE/RS on a fixed sample of {gen_sample} cases"]  # fmt: skip
+                 + f"; {gen_note}"]  # fmt: skip
         append_line(
             out,
             {
