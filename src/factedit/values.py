@@ -196,9 +196,10 @@ class _Rows:
 
     Row kinds: rewrite rows (a template filled with the request's prompt, followed by the new
     target's tokens but the last, or all of them with ``repeat``) and KL rows (a KL prompt
-    filled with the subject). Each row is left-padded up to its subject's last token, which sits at column ``split`` in every
-    row, and right-padded after its last token. Columns before ``split`` do not depend on δ
-    (the model is causal), so their keys and values can be computed once.
+    filled with the subject). Each row is left-padded up to its subject's last token, which
+    sits at column ``split`` in every row, and right-padded after its last token. Columns
+    before ``split`` do not depend on δ (the model is causal), so their keys and values can be
+    computed once.
     """
 
     input_ids: torch.Tensor  # (rows, width)

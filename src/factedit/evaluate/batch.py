@@ -106,12 +106,13 @@ def run_batch_evaluation(
     out = Path(out)
     n_batches = -(-len(cases) // batch_size)
     gen_checkpoints = sorted(set(gen_checkpoints))
+    generating = config.generation and gen_sample > 0
     if gen_checkpoints:
         if not config.sequential:
             raise ValueError(
                 "gen_checkpoints needs a sequential run (each batch is restored otherwise)"
             )
-        if not (config.generation and gen_sample > 0):
+        if not generating:
             raise ValueError(
                 "gen_checkpoints needs generations (config.generation and gen_sample > 0)"
             )
@@ -140,7 +141,7 @@ def run_batch_evaluation(
         out.parent.mkdir(parents=True, exist_ok=True)
         gen_note = (
             f"GE/RS on a fixed sample of {gen_sample} cases"
-            if config.generation and gen_sample > 0
+            if generating
             else "no generations (GE/RS not measured)"
         )
         notes = [f"mass editing: batches of {batch_size}" + (", applied sequentially" if config.sequential else "")
@@ -164,7 +165,7 @@ def run_batch_evaluation(
                 "sequential: the file holds part of a sequential run, which cannot be resumed batch by batch"
             ],
         )
-    gen_ids = generation_sample(cases, gen_sample, config.seed) if config.generation else set()
+    gen_ids = generation_sample(cases, gen_sample, config.seed) if generating else set()
     cache = PreEditCache.from_option(
         pre_cache, model, config, own_scorer=reference_scorer is not None
     )
