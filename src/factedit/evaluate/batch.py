@@ -144,8 +144,8 @@ def run_batch_evaluation(
             if generating
             else "no generations (GE/RS not measured)"
         )
-        notes = [f"mass editing: batches of {batch_size}" + (", applied sequentially" if config.sequential else "")
-                 + f"; {gen_note}"]  # fmt: skip
+        order = ", applied sequentially" if config.sequential else ""
+        notes = [f"mass editing: batches of {batch_size}{order}; {gen_note}"]
         append_line(
             out,
             {
